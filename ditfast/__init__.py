@@ -1,0 +1,1 @@
+"""ditfast: a fast, drop-in Diffusion Transformer (DiT) package for PyTorch."""
