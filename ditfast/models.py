@@ -1,0 +1,403 @@
+"""The DiT model: a drop-in for the official ``models.py`` of facebookresearch/DiT.
+
+Module names, parameter names and shapes, constructor arguments and defaults follow the
+official release exactly, so an official checkpoint loads with ``strict=True`` and gives the
+same outputs. Shapes in comments: B batch, C channels, H/W latent side, p patch size,
+T = (H/p)*(W/p) tokens, D hidden size, Hd heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import timestep_embedding_ref
+
+__all__ = [
+    "DiT",
+    "DiT_models",
+    "get_2d_sincos_pos_embed",
+    "modulate",
+    "TimestepEmbedder",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "Attention",
+    "Mlp",
+    "DiTBlock",
+    "FinalLayer",
+]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` with (B, D) vectors broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar diffusion timesteps -> (B, D): sinusoidal features, then Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """(B,) timesteps (may be fractional) -> (B, dim) features ``[cos(t*f), sin(t*f)]``."""
+        return timestep_embedding_ref(t, dim, max_period)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256)
+        return self.mlp(t_freq)  # (B, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (B, D), with label dropout for classifier-free guidance.
+
+    The table has ``num_classes + 1`` rows when ``dropout_prob > 0``; row ``num_classes`` is the
+    "null" class that the unconditional half of a CFG batch uses.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class: at random while training, or where force_drop_ids == 1."""
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        use_dropout = self.dropout_prob > 0
+        if (train and use_dropout) or (force_drop_ids is not None):
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, T, D): a Conv2d with kernel = stride = p, tokens in row-major order."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, bias: bool = True):
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows [q | k | v], head-major)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, Hd, T, Dh)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, Hd, T, Dh)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """fc1 (D -> hidden) -> GELU (tanh approximation) -> fc2 (hidden -> D)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning: six (B, D) vectors from c per block."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D), c: (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> Linear to p*p*C_out values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone (Peebles & Xie, ICCV 2023).
+
+    Same constructor, defaults, submodules and state_dict keys as the official ``DiT`` class.
+    ``forward(x, t, y)`` maps latents (B, C, H, W), timesteps (B,) in [0, 1000) and labels (B,)
+    in [0, num_classes] (``num_classes`` = the null class) to (B, C_out, H, W), where
+    C_out = 2*C with ``learn_sigma`` (eps and the variance interpolation v) and C otherwise.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
+        if hidden_size % 4:
+            # the 2D sin-cos position embedding splits D into four equal parts
+            raise ValueError(f"hidden_size must be a multiple of 4, got {hidden_size}")
+        self.input_size = input_size
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.class_dropout_prob = class_dropout_prob
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos embedding; a frozen Parameter so it is saved in the state_dict like the official one.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """The official initialisation: xavier Linear/patch weights, zero adaLN and output layers."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        grid = int(self.x_embedder.num_patches**0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, p*p*C_out) with per-token channel order (p, q, c) -> (B, C_out, H, W)."""
+        c = self.out_channels
+        p = self.x_embedder.patch_size[0]
+        h = w = int(x.shape[1] ** 0.5)
+        if h * w != x.shape[1] or x.shape[2] != p * p * c:
+            raise ValueError(
+                f"unpatchify expects (B, T, {p * p * c}) with T a square number, got {tuple(x.shape)}"
+            )
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """Raise ValueError, saying what was expected, for inputs the model cannot take."""
+        size = self.x_embedder.img_size[0]
+        expected = f"(B, {self.in_channels}, {size}, {size})"
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a 4-D latent batch {expected}, got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (size, size):
+            raise ValueError(f"x must have shape {expected} for this model, got {tuple(x.shape)}")
+        batch = x.shape[0]
+        for name, v in (("t", t), ("y", y)):
+            if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != batch:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{name} must be a 1-D tensor with one entry per sample ({batch},), got {got}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        # Label range needs the values; skip while tracing or capturing a CUDA graph (no host sync).
+        if torch.compiler.is_compiling() or (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        if batch == 0:
+            return
+        top = self.y_embedder.embedding_table.num_embeddings - 1
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi > top:
+            null = f" ({self.num_classes} is the null class)" if top == self.num_classes else ""
+            raise ValueError(f"labels must lie in [0, {top}]{null}, got values in [{lo}, {hi}]")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) timesteps, y (B,) labels -> (B, C_out, H, W)."""
+        self._check_inputs(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        t = self.t_embedder(t)  # (B, D)
+        y = self.y_embedder(y, self.training)  # (B, D)
+        c = t + y  # (B, D)
+        for block in self.blocks:
+            x = block(x, c)  # (B, T, D)
+        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+        return self.unpatchify(x)  # (B, C_out, H, W)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guide_all_channels: bool = False,
+    ) -> torch.Tensor:
+        """Classifier-free guidance on a [cond; uncond] batch.
+
+        Only the first half of ``x`` is used (duplicated), as in the official code. With the default
+        ``guide_all_channels=False`` the official rule applies: only output channels ``[:3]`` are
+        guided, everything else passes through from the model (kept for exact reproducibility of the
+        published FIDs). ``guide_all_channels=True`` guides all ``in_channels`` eps channels (what
+        diffusers does) and passes through only the variance channels.
+        """
+        if x.dim() < 1 or x.shape[0] % 2:
+            raise ValueError(
+                f"forward_with_cfg expects an even batch [cond; uncond], got batch {x.shape[0] if x.dim() else 0}"
+            )
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        n_guided = self.in_channels if guide_all_channels else 3
+        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size**2, embed_dim) float64 MAE-style 2D sin-cos table, token index h*G + w.
+
+    The first half of the channels encodes the column (w) coordinate, the second half the row (h).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
+    coords = np.arange(grid_size, dtype=np.float64)
+    col = np.tile(coords, grid_size)  # w of token h*G + w
+    row = np.repeat(coords, grid_size)  # h of token h*G + w
+    return np.concatenate([_sincos_1d(embed_dim // 2, col), _sincos_1d(embed_dim // 2, row)], axis=1)
+
+
+def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim) ``[sin(pos*omega), cos(pos*omega)]``, omega_i = 10000^(-2i/embed_dim)."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = np.outer(pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: the official registry, names and functions.
+# ----------------------------------------------------------------------------------------------
+
+_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+def _make(size: str, patch: int) -> Callable[..., DiT]:
+    depth, hidden, heads = _SIZES[size]
+
+    def build(**kwargs) -> DiT:
+        return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+
+    build.__name__ = f"DiT_{size}_{patch}"
+    build.__qualname__ = build.__name__
+    build.__doc__ = f"DiT-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
+    return build
+
+
+DiT_XL_2, DiT_XL_4, DiT_XL_8 = _make("XL", 2), _make("XL", 4), _make("XL", 8)
+DiT_L_2, DiT_L_4, DiT_L_8 = _make("L", 2), _make("L", 4), _make("L", 8)
+DiT_B_2, DiT_B_4, DiT_B_8 = _make("B", 2), _make("B", 4), _make("B", 8)
+DiT_S_2, DiT_S_4, DiT_S_8 = _make("S", 2), _make("S", 4), _make("S", 8)
+
+DiT_models = {
+    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
+    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
+    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
+    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+}  # fmt: skip
+
+__all__ += [f.__name__ for f in DiT_models.values()]
+
+
+def heads_for_hidden(hidden_size: int) -> int:
+    """The registry's rule for the number of heads: as the registry for its four widths, else D/64."""
+    for _, hidden, heads in _SIZES.values():
+        if hidden == hidden_size:
+            return heads
+    if hidden_size % 64:
+        raise ValueError(
+            f"cannot infer num_heads for hidden size {hidden_size} (not a registry width and not a "
+            "multiple of 64): pass num_heads explicitly"
+        )
+    return hidden_size // 64

@@ -1,0 +1,71 @@
+"""Shared test helpers: tolerances, comparison with a readable report, model randomisation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# One tolerance table for every numerical test: (rtol, atol) per dtype, forward and backward.
+TOLERANCES = {
+    ("fwd", torch.float64): (1e-10, 1e-12),
+    ("fwd", torch.float32): (1e-5, 1e-5),
+    ("fwd", torch.bfloat16): (2e-2, 2e-2),
+    ("fwd", torch.float16): (2e-3, 2e-3),
+    ("bwd", torch.float64): (1e-9, 1e-11),
+    ("bwd", torch.float32): (1e-4, 1e-5),
+    ("bwd", torch.bfloat16): (5e-2, 5e-2),
+    ("bwd", torch.float16): (5e-3, 5e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, kind: str = "fwd", rtol=None, atol=None, what: str = ""):
+    """torch.testing.assert_close with the table's tolerance and a report of where it failed."""
+    dtype = dtype or expected.dtype
+    table_rtol, table_atol = TOLERANCES[(kind, dtype)]
+    rtol = table_rtol if rtol is None else rtol
+    atol = table_atol if atol is None else atol
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    err = (a - e).abs()
+    bad = err > atol + rtol * e.abs()
+    if bad.any() or not torch.isfinite(a).all():
+        idx = tuple(int(i) for i in torch.nonzero(bad | ~torch.isfinite(a))[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements out of tolerance (rtol={rtol}, atol={atol}); "
+            f"max abs err {err.max().item():.3e}, max rel err {(err / e.abs().clamp_min(1e-30)).max().item():.3e}; "
+            f"first at {idx}: got {a[idx].item():.8g}, expected {e[idx].item():.8g}"
+        )
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest error relative to the reference's overall scale: max|a-e| / max|e|."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every trainable parameter with random values (the zero-initialised ones too).
+
+    The frozen pos_embed is left as the model made it. Scale keeps activations O(1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        fan_in = p.shape[1] * (p[0, 0].numel() if p.dim() > 2 else 1) if p.dim() >= 2 else 1
+        scale = std if p.dim() < 2 else fan_in**-0.5
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * scale)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def expect_extension() -> bool:
+    """CI sets DITFAST_EXPECT_EXT=1: there the compiled extension must have loaded."""
+    return os.environ.get("DITFAST_EXPECT_EXT", "0") == "1"
