@@ -1,0 +1,97 @@
+"""Shared helper of the benchmark scripts: environment facts and atomic appends of result rows.
+
+Every row carries: what, shape, dtype, provider, median_ms, p20_ms, p80_ms, a derived rate
+(TFLOP/s or GB/s), device, torch and triton versions, git sha and date.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import os
+import platform
+import subprocess
+import tempfile
+from typing import Iterable, Mapping
+
+import torch
+
+FIELDS = [
+    "what", "shape", "dtype", "provider", "median_ms", "p20_ms", "p80_ms", "tflops", "gbps",
+    "device", "torch", "triton", "git_sha", "date",
+]  # fmt: skip
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(RESULTS_DIR), check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=os.path.dirname(RESULTS_DIR)).stdout.strip()  # fmt: skip
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, str]:
+    """The columns that describe where and when a row was measured."""
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "git_sha": _git_sha(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def append_rows(path: str, rows: Iterable[Mapping[str, object]]) -> str:
+    """Append rows to a CSV (header written on creation) by rewriting it atomically.
+
+    The file is rebuilt in a temporary file in the same folder and renamed over the old one, so a
+    crash never leaves a half-written results file. Unknown columns are an error.
+    """
+    path = path if os.path.isabs(path) or os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rows = list(rows)
+    for row in rows:
+        extra = set(row) - set(FIELDS)
+        if extra:
+            raise ValueError(f"unknown result columns {sorted(extra)}; expected a subset of {FIELDS}")
+    existing = ""
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            existing = f.read()
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    if not existing:
+        writer.writeheader()
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(existing + buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
