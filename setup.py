@@ -53,7 +53,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     package_dir={"ditfast": "ditfast", "ditfast.kernels": "kernels"},
-    packages=["ditfast", "ditfast.diffusion", "ditfast.kernels"],
+    packages=["ditfast", "ditfast.diffusion", "ditfast.ops", "ditfast.kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

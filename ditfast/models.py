@@ -8,20 +8,23 @@ T = (H/p)*(W/p) tokens, D hidden size, Hd heads, Dh head dim.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import timestep_embedding_ref
+from . import ops
+from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
     "DiT",
     "DiT_models",
     "get_2d_sincos_pos_embed",
     "modulate",
+    "adaln_ops",
+    "BACKENDS",
     "TimestepEmbedder",
     "LabelEmbedder",
     "PatchEmbed",
@@ -32,9 +35,30 @@ __all__ = [
 ]
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation: ``x * (1 + scale) + shift`` with (B, D) vectors broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+class AdaLNOps(NamedTuple):
+    """The three adaLN ops a DiT block is written in (see :mod:`ditfast.ops.adaln`)."""
+
+    adaln_layernorm: Callable
+    gated_residual_adaln: Callable
+    gated_residual: Callable
+
+
+EAGER_OPS = AdaLNOps(ops.adaln_layernorm_ref, ops.gated_residual_adaln_ref, ops.gated_residual_ref)
+FUSED_OPS = AdaLNOps(ops.adaln_layernorm, ops.gated_residual_adaln, ops.gated_residual)
+BACKENDS = ("auto", "eager", "triton")
+
+
+def adaln_ops(backend: str, device: torch.device) -> AdaLNOps:
+    """The ops for ``backend`` on ``device``: "eager" (official math), "triton" (fused kernels;
+    an error naming the reason where they cannot run) or "auto" (triton on CUDA when available)."""
+    if backend == "eager":
+        return EAGER_OPS
+    reason = ops.triton_status(device)
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
+        return FUSED_OPS
+    return FUSED_OPS if device.type == "cuda" and reason is None else EAGER_OPS
 
 
 class TimestepEmbedder(nn.Module):
@@ -150,12 +174,17 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
+        self.backend = "auto"  # set by DiT; see adaln_ops()
+
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, D), c: (B, D)
+        # x: (B, T, D), c: (B, D); with the eager ops this is exactly the official block:
+        #   x = x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
+        #   x = x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
+        f = adaln_ops(self.backend, x.device)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        h = f.adaln_layernorm(x, shift_msa, scale_msa, self.norm1.eps)
+        x, h = f.gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        return f.gated_residual(x, self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -193,8 +222,11 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        *,
+        backend: str = "auto",
     ):
         super().__init__()
+        self._modulation_cache = None
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
         if hidden_size % 4:
@@ -217,6 +249,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.backend = backend
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -299,10 +332,69 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (B, D)
         y = self.y_embedder(y, self.training)  # (B, D)
         c = t + y  # (B, D)
-        for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
-        x = self.final_layer(x, c)  # (B, T, p*p*C_out)
+        f = adaln_ops(self.backend, x.device)
+        mods = self.modulations(c, one_gemm=f is FUSED_OPS)  # per block 6 (B, D), then the final 2
+        # The official blocks, with each residual add fused into the LayerNorm that follows it:
+        # the MLP residual of block i goes with block i+1's norm1 (the final layer's norm after the last).
+        h = f.adaln_layernorm(x, *mods[0][:2])  # (B, T, D) = modulate(norm1(x), shift_msa, scale_msa)
+        for i, block in enumerate(self.blocks):
+            _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
+            x, h = f.gated_residual_adaln(x, block.attn(h), gate_msa, shift_mlp, scale_mlp)
+            x, h = f.gated_residual_adaln(x, block.mlp(h), gate_mlp, *mods[i + 1][:2])
+        x = self.final_layer.linear(h)  # (B, T, p*p*C_out)
         return self.unpatchify(x)  # (B, C_out, H, W)
+
+    def modulations(self, c: torch.Tensor, one_gemm: bool = False) -> list[tuple[torch.Tensor, ...]]:
+        """adaLN vectors of every block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+        gate_mlp) and of the final layer (shift, scale), each (B, D).
+
+        ``one_gemm=True`` computes them all with one GEMM over the concatenated per-block weights
+        (the state_dict keeps the official per-block names); the vectors are then strided views
+        of its (B, depth*6D + 2D) output.
+        """
+        linears = [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        if not one_gemm:
+            return [tuple(lin(F.silu(c)).chunk(lin.out_features // c.shape[1], dim=1)) for lin in linears]
+        weight, bias = self._stacked_modulation_params(linears)
+        flat = F.linear(F.silu(c), weight, bias).split(c.shape[1], dim=1)
+        return [tuple(flat[6 * i : 6 * i + 6]) for i in range(len(self.blocks))] + [tuple(flat[-2:])]
+
+    def _stacked_modulation_params(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adaLN Linears stacked into one (rows, D) weight and bias.
+
+        While training (grad enabled) they are concatenated on every call, so gradients flow to the
+        per-block parameters; for inference the stack is cached until a parameter changes (its
+        storage, version counter, dtype or device), which costs one copy of those weights.
+        """
+        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._modulation_cache is None or self._modulation_cache[0] != key:
+            stacked = (torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))
+            self._modulation_cache = (key, stacked)
+        return self._modulation_cache[1]
+
+    @property
+    def backend(self) -> str:
+        """Which ops run the adaLN LayerNorm/modulation/gated residuals: "auto", "eager" or "triton".
+
+        "eager" is the official PyTorch math; "triton" the fused kernels (an error where they cannot
+        run); "auto" (default) picks triton for CUDA tensors when triton is installed, else eager.
+        """
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        for block in self.blocks:
+            block.backend = value
+
+    def _apply(self, fn, *args, **kwargs):
+        self._modulation_cache = None  # .to()/.half()/.cuda() replace the parameters
+        return super()._apply(fn, *args, **kwargs)
 
     def forward_with_cfg(
         self,

@@ -141,7 +141,10 @@ def test_registry_is_complete_and_constructor_defaults():
     assert sorted(DiT_models) == sorted(f"DiT-{s}/{p}" for s in CONFIGS for p in (2, 4, 8))
     import inspect
 
-    params = {k: v.default for k, v in inspect.signature(DiT).parameters.items()}
+    sig = inspect.signature(DiT).parameters
+    params = {k: v.default for k, v in sig.items() if v.kind is not inspect.Parameter.KEYWORD_ONLY}
+    # ditfast's only addition is keyword-only, so every official call still means the same
+    assert [k for k, v in sig.items() if v.kind is inspect.Parameter.KEYWORD_ONLY] == ["backend"]
     assert params == dict(
         input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,

@@ -1,7 +1,4 @@
-"""ditfast's operators: each a public function, a plain-PyTorch reference ``<op>_ref`` beside it,
-and a dispatch to the compiled ``ditfast._C`` kernel (namespace ``torch.ops.ditfast``) when it
-is built for the tensor's device. Fake (meta) implementations let ``torch.compile`` trace them.
-"""
+"""Sinusoidal timestep features: the compiled ``ditfast::timestep_embedding`` op and its reference."""
 
 from __future__ import annotations
 
@@ -9,7 +6,7 @@ import math
 
 import torch
 
-from ._ext import extension_loaded, op_available, warn_fallback
+from .._ext import extension_loaded, op_available, warn_fallback
 
 __all__ = ["timestep_embedding", "timestep_embedding_ref"]
 

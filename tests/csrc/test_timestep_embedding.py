@@ -54,7 +54,7 @@ def test_fallback_warns_once_and_matches(monkeypatch):
     import ditfast._ext as ext
 
     monkeypatch.setattr(ext, "_WARNED", set())
-    monkeypatch.setattr(ops, "op_available", lambda device: False)
+    monkeypatch.setattr(ops.timestep, "op_available", lambda device: False)
     t = torch.tensor([5, 6])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

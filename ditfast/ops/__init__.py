@@ -1,0 +1,28 @@
+"""ditfast's operators.
+
+Each op is a public function with a plain-PyTorch reference ``<op>_ref`` beside it, registered as
+a torch custom op (namespace ``torch.ops.ditfast``, with a fake implementation so
+``torch.compile(fullgraph=True)`` traces it) that runs a compiled kernel where one exists for the
+tensor's device: Triton kernels from ``ditfast.kernels``, C++/CUDA kernels from ``ditfast._C``.
+"""
+
+from .adaln import (
+    adaln_layernorm,
+    adaln_layernorm_ref,
+    gated_residual,
+    gated_residual_adaln,
+    gated_residual_adaln_ref,
+    gated_residual_ref,
+    modulate,
+    triton_status,
+)
+from . import timestep
+from .timestep import timestep_embedding, timestep_embedding_ref
+
+__all__ = [
+    "adaln_layernorm", "adaln_layernorm_ref",
+    "gated_residual_adaln", "gated_residual_adaln_ref",
+    "gated_residual", "gated_residual_ref",
+    "modulate", "triton_status",
+    "timestep_embedding", "timestep_embedding_ref",
+]  # fmt: skip

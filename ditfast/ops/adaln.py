@@ -1,0 +1,289 @@
+"""adaLN ops of a DiT block: LayerNorm + modulation, gated residuals, and the two fused.
+
+Public API (argument orders are part of it):
+
+    adaln_layernorm(x, shift, scale, eps=1e-6)                  -> h = LN(x)*(1+scale)+shift
+    gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6)    -> (r, h), r = x + gate*y, h = LN(r)*(1+scale)+shift
+    gated_residual(x, y, gate)                                  -> r = x + gate*y
+
+x, y: (B, N, D); gate, shift, scale: (B, D), applied to every token of their sample (they may be
+non-contiguous views, e.g. chunks of the modulation GEMM output). LayerNorm has no affine
+parameters. Each has a plain-PyTorch reference ``<op>_ref`` (the official DiT math, in the
+inputs' dtypes).
+
+All three run through one custom op, ``torch.ops.ditfast.adaln_fwd`` (absent pieces passed as
+None), with an autograd formula that calls ``torch.ops.ditfast.adaln_bwd``. On CUDA tensors the
+ops run the Triton kernels of ``ditfast.kernels.adaln``; on CPU tensors they run the Triton
+interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported, and otherwise a
+PyTorch statement of the same fp32 math (``_adaln_fwd_torch`` / ``_adaln_bwd_torch``). Outputs
+have the promoted dtype of the inputs; statistics are fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "modulate",
+    "adaln_layernorm", "adaln_layernorm_ref",
+    "gated_residual_adaln", "gated_residual_adaln_ref",
+    "gated_residual", "gated_residual_ref",
+    "triton_status",
+]  # fmt: skip
+
+MAX_HIDDEN = 8192  # the kernels keep a whole row in registers
+
+# ------------------------------------------------------------------------------------------
+# References: the official DiT math
+# ------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x * (1 + scale) + shift`` with (B, D) vectors broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def adaln_layernorm_ref(x, shift, scale, eps: float = 1e-6):
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+
+
+def gated_residual_ref(x, y, gate):
+    return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_adaln_ref(x, y, gate, shift, scale, eps: float = 1e-6):
+    r = gated_residual_ref(x, y, gate)
+    return r, adaln_layernorm_ref(r, shift, scale, eps)
+
+
+# ------------------------------------------------------------------------------------------
+# Triton availability
+# ------------------------------------------------------------------------------------------
+
+_KERNELS = None
+_KERNELS_ERROR: str | None = None
+_INTERPRET = False
+
+
+def _kernels():
+    """Import ``ditfast.kernels.adaln`` once; None (with the reason kept) when triton is missing."""
+    global _KERNELS, _KERNELS_ERROR, _INTERPRET
+    if _KERNELS is None and _KERNELS_ERROR is None:
+        try:
+            from ditfast.kernels import adaln
+
+            _KERNELS = adaln
+            # triton.jit picks the interpreter at decoration time, so this is fixed from now on
+            _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        except ImportError as exc:
+            _KERNELS_ERROR = f"triton is not importable ({exc})"
+    return _KERNELS
+
+
+def triton_status(device: torch.device | str = "cuda") -> str | None:
+    """None when the Triton adaLN kernels can run on ``device``, else the reason they cannot."""
+    device = torch.device(device)
+    if _kernels() is None:
+        return _KERNELS_ERROR
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if device.type == "cpu":
+        return None if _INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (set before ditfast.kernels is imported)"
+    return f"no Triton kernels for {device.type} tensors"
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if triton_status(x.device) is not None:
+        return False
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"the Triton adaLN kernels support hidden sizes up to {MAX_HIDDEN}, got {x.shape[-1]}")
+    return True
+
+
+# ------------------------------------------------------------------------------------------
+# The fp32 math of the kernels, in PyTorch (CPU path without the interpreter)
+# ------------------------------------------------------------------------------------------
+
+
+def _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype):
+    r = x.float()
+    if y is not None:
+        r = r + gate.float().unsqueeze(1) * y.float()
+    h = mean = rstd = None
+    if shift is not None:
+        mean = r.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((r - mean).square().mean(-1, keepdim=True) + eps)
+        h = ((r - mean) * rstd * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(out_dtype)
+        mean, rstd = mean.reshape(-1), rstd.reshape(-1)
+    return (r.to(out_dtype) if y is not None else None), h, mean, rstd
+
+
+def _adaln_bwd_torch(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype):
+    B, N, D = (dr if dr is not None else dh).shape
+    grad = torch.zeros(B, N, D, dtype=torch.float32, device=(dr if dr is not None else dh).device)
+    dshift = dscale = dy = dgate = None
+    if dh is not None and scale is not None:
+        dh32 = dh.float()
+        xhat = (normed.float() - mean.view(B, N, 1)) * rstd.view(B, N, 1)
+        dshift, dscale = dh32.sum(1), (dh32 * xhat).sum(1)
+        g = dh32 * (1 + scale.float().unsqueeze(1))
+        grad = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd.view(B, N, 1)
+    if dr is not None:
+        grad = grad + dr.float()
+    if y is not None:
+        dy = (grad * gate.float().unsqueeze(1)).to(y.dtype)
+        dgate = (grad * y.float()).sum(1).to(gate.dtype)
+    return grad.to(x_dtype), dy, dgate, dshift, dscale
+
+
+# ------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------
+
+
+def _out_dtype(*tensors) -> torch.dtype:
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(0)
+
+
+@torch.library.custom_op("ditfast::adaln_fwd", mutates_args=())
+def _adaln_fwd_op(
+    x: torch.Tensor,
+    y: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(r, h, mean, rstd); r empty without a residual, h/mean/rstd empty without a norm."""
+    out_dtype = _out_dtype(x, y, gate, shift, scale)
+    if _use_triton(x):
+        outs = _KERNELS.adaln_fwd(x, y, gate, shift, scale, eps, out_dtype)
+    else:
+        outs = _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype)
+    return tuple(_or_empty(t, x) for t in outs)
+
+
+@_adaln_fwd_op.register_fake
+def _(x, y, gate, shift, scale, eps):
+    B, N, D = x.shape
+    out_dtype = _out_dtype(x, y, gate, shift, scale)
+    full = lambda dt: x.new_empty((B, N, D), dtype=dt)  # noqa: E731
+    stat = lambda: x.new_empty((B * N,), dtype=torch.float32)  # noqa: E731
+    has_norm = shift is not None
+    return (
+        full(out_dtype) if y is not None else x.new_empty(0),
+        full(out_dtype) if has_norm else x.new_empty(0),
+        stat() if has_norm else x.new_empty(0),
+        stat() if has_norm else x.new_empty(0),
+    )
+
+
+@torch.library.custom_op("ditfast::adaln_bwd", mutates_args=())
+def _adaln_bwd_op(
+    dr: Optional[torch.Tensor],
+    dh: Optional[torch.Tensor],
+    normed: Optional[torch.Tensor],
+    y: Optional[torch.Tensor],
+    gate: Optional[torch.Tensor],
+    scale: Optional[torch.Tensor],
+    mean: Optional[torch.Tensor],
+    rstd: Optional[torch.Tensor],
+    x_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dgate, dshift, dscale) in fp32 statistics; empty where a piece is absent."""
+    ref = dr if dr is not None else dh
+    if _use_triton(ref):
+        outs = _KERNELS.adaln_bwd(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype)
+    else:
+        outs = _adaln_bwd_torch(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype)
+    return tuple(_or_empty(t, ref) for t in outs)
+
+
+@_adaln_bwd_op.register_fake
+def _(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype):
+    ref = dr if dr is not None else dh
+    B, N, D = ref.shape
+    has_norm = dh is not None and scale is not None
+    vec = lambda dt: ref.new_empty((B, D), dtype=dt)  # noqa: E731
+    return (
+        ref.new_empty((B, N, D), dtype=x_dtype),
+        ref.new_empty((B, N, D), dtype=y.dtype) if y is not None else ref.new_empty(0),
+        vec(gate.dtype) if y is not None else ref.new_empty(0),
+        vec(torch.float32) if has_norm else ref.new_empty(0),
+        vec(torch.float32) if has_norm else ref.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, gate, shift, scale, eps = inputs
+    r, h, mean, rstd = output
+    ctx.has_res, ctx.has_norm = y is not None, shift is not None
+    ctx.x_dtype = x.dtype
+    ctx.vec_dtypes = (shift.dtype, scale.dtype) if ctx.has_norm else None
+    normed = (r if ctx.has_res else x) if ctx.has_norm else None
+    ctx.save_for_backward(normed, y, gate, scale, mean if ctx.has_norm else None, rstd if ctx.has_norm else None)
+
+
+def _backward(ctx, dr, dh, _dmean, _drstd):
+    normed, y, gate, scale, mean, rstd = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = torch.ops.ditfast.adaln_bwd(
+        dr if ctx.has_res else None, dh if ctx.has_norm else None, normed, y, gate, scale, mean, rstd, ctx.x_dtype
+    )
+    if ctx.has_norm:
+        dshift, dscale = dshift.to(ctx.vec_dtypes[0]), dscale.to(ctx.vec_dtypes[1])
+    else:
+        dshift = dscale = None
+    if not ctx.has_res:
+        dy = dgate = None
+    return dx, dy, dgate, dshift, dscale, None
+
+
+_adaln_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------
+# Public functions
+# ------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, y=None, **vectors) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a floating-point (B, N, D) tensor, got {got}")
+    B, N, D = x.shape
+    if y is not None and (y.shape != x.shape or not y.is_floating_point() or y.device != x.device):
+        raise ValueError(f"y must be a floating-point tensor of x's shape {tuple(x.shape)} on {x.device}, got {tuple(y.shape)} {y.dtype} on {y.device}")
+    for name, v in vectors.items():
+        if v.shape != (B, D) or not v.is_floating_point() or v.device != x.device:
+            raise ValueError(f"{name} must be a floating-point (B, D) = ({B}, {D}) tensor on {x.device}, got {tuple(v.shape)} {v.dtype} on {v.device}")
+
+
+def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``LN(x) * (1 + scale) + shift`` (LayerNorm without affine, fp32 statistics) -> (B, N, D)."""
+    _check(x, shift=shift, scale=scale)
+    return torch.ops.ditfast.adaln_fwd(x, None, None, shift, scale, eps)[1]
+
+
+def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r = x + gate * y`` and ``h = LN(r) * (1 + scale) + shift`` in one pass -> (r, h)."""
+    _check(x, y, gate=gate, shift=shift, scale=scale)
+    r, h, _, _ = torch.ops.ditfast.adaln_fwd(x, y, gate, shift, scale, eps)
+    return r, h
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + gate * y`` -> (B, N, D)."""
+    _check(x, y, gate=gate)
+    return torch.ops.ditfast.adaln_fwd(x, y, gate, None, None, 0.0)[0]
