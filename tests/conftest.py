@@ -7,6 +7,11 @@ import os
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter. triton.jit reads this when the
+# kernels are decorated, so it is set before any test imports ditfast.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # One tolerance table for every numerical test: (rtol, atol) per dtype, forward and backward.
 TOLERANCES = {
     ("fwd", torch.float64): (1e-10, 1e-12),
