@@ -23,6 +23,9 @@ import triton.language as tl
 
 __all__ = ["adaln_fwd", "adaln_bwd"]
 
+# Every output buffer comes from here, so tests can poison them (NaN) to catch unwritten elements.
+_empty = torch.empty
+
 
 @triton.jit
 def _adaln_fwd_kernel(
@@ -172,10 +175,10 @@ def adaln_fwd(x, y, gate, shift, scale, eps: float, out_dtype: torch.dtype):
     B, N, D = x.shape
     has_res, has_norm = y is not None, shift is not None
     x = _rows(x)
-    r = torch.empty((B, N, D), device=x.device, dtype=out_dtype) if has_res else None
-    h = torch.empty((B, N, D), device=x.device, dtype=out_dtype) if has_norm else None
-    mean = torch.empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
-    rstd = torch.empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
+    r = _empty((B, N, D), device=x.device, dtype=out_dtype) if has_res else None
+    h = _empty((B, N, D), device=x.device, dtype=out_dtype) if has_norm else None
+    mean = _empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
+    rstd = _empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
     if has_res:
         y, gate = _rows(y), _vec(gate)
     if has_norm:
@@ -206,11 +209,11 @@ def adaln_bwd(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype: torch.dtype):
     has_res, has_norm = y is not None, scale is not None and dh is not None
     ref = dr if dr is not None else dh
     B, N, D = ref.shape
-    dx = torch.empty((B, N, D), device=ref.device, dtype=x_dtype)
-    dy = torch.empty((B, N, D), device=ref.device, dtype=y.dtype) if has_res else None
+    dx = _empty((B, N, D), device=ref.device, dtype=x_dtype)
+    dy = _empty((B, N, D), device=ref.device, dtype=y.dtype) if has_res else None
     block_d, rows, num_warps = _launch_params(B, N, D)
     G = triton.cdiv(N, rows)
-    part = lambda: torch.empty((B, G, D), device=ref.device, dtype=torch.float32)  # noqa: E731
+    part = lambda: _empty((B, G, D), device=ref.device, dtype=torch.float32)  # noqa: E731
     dgate_p = part() if has_res else None
     dshift_p, dscale_p = (part(), part()) if has_norm else (None, None)
     if B * N:

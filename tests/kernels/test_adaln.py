@@ -1,0 +1,193 @@
+"""Fused adaLN ops (ditfast.ops / ditfast.kernels.adaln): forward and backward against references.
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py) on small shapes; on a GPU the same tests run on CUDA with the full shape set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from ditfast import ops
+from conftest import TOLERANCES, assert_close
+
+kernels = pytest.importorskip("ditfast.kernels.adaln", reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if ops.triton_status(DEVICE) is not None:
+    pytest.skip(f"Triton kernels cannot run here: {ops.triton_status(DEVICE)}", allow_module_level=True)
+
+# (B, N, D): D in {384, 1008, 1152} (1152 is not a power of two), N in {1, 7, 256}, B in {1, 3}.
+# The interpreter is slow, so the CPU run covers each value at least once; CUDA runs them all.
+if CUDA:
+    SHAPES = list(itertools.product([1, 3], [1, 7, 256], [384, 1008, 1152])) + [(32, 256, 1152), (4, 1024, 1152)]
+else:
+    SHAPES = [(1, 1, 384), (3, 7, 1008), (1, 256, 1152), (3, 7, 1152)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+OPS = ["adaln_layernorm", "gated_residual_adaln", "gated_residual"]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every kernel output buffer starts as NaN, so an element the kernel fails to write fails."""
+
+    def nan_empty(*args, **kwargs):
+        return torch.empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(kernels, "_empty", nan_empty)
+
+
+def make_inputs(B, N, D, dtype, seed=0):
+    """x, y (B, N, D) and gate/shift/scale as strided chunks of one (B, 6D) modulation output."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g) * 2 + 0.5
+    y = torch.randn(B, N, D, generator=g)
+    mod = torch.randn(B, 6 * D, generator=g) * 0.5
+    to = lambda t: t.to(device=DEVICE, dtype=dtype).requires_grad_()  # noqa: E731
+    x, y, mod = to(x), to(y), to(mod)
+    gate, shift, scale = mod[:, :D], mod[:, 2 * D : 3 * D], mod[:, 4 * D : 5 * D]
+    assert gate.stride() == (6 * D, 1)  # a strided view, as the model passes them
+    return x, y, mod, gate, shift, scale
+
+
+def run(op, x, y, gate, shift, scale, impl):
+    """Outputs of ``op`` as a tuple, through ``impl`` ("fused" or "ref")."""
+    if op == "adaln_layernorm":
+        f = ops.adaln_layernorm if impl == "fused" else ops.adaln_layernorm_ref
+        return (f(x, shift, scale),)
+    if op == "gated_residual_adaln":
+        f = ops.gated_residual_adaln if impl == "fused" else ops.gated_residual_adaln_ref
+        return f(x, y, gate, shift, scale)
+    f = ops.gated_residual if impl == "fused" else ops.gated_residual_ref
+    return (f(x, y, gate),)
+
+
+def forward_backward(op, inputs, impl, grads_out):
+    x, y, mod, gate, shift, scale = inputs
+    outs = run(op, x, y, gate, shift, scale, impl)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, grads_out)])
+    used = [x, mod] if op == "adaln_layernorm" else [x, y, mod]
+    return [o.detach() for o in outs], [t.grad for t in used]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}D{}".format(*s))
+@pytest.mark.parametrize("op", OPS)
+def test_forward_backward_against_reference(poison, op, shape, dtype):
+    B, N, D = shape
+    if dtype != torch.float32 and not CUDA and shape == (1, 256, 1152):
+        pytest.skip("interpreter time: low precision at N=256 runs on CUDA only")
+    inputs = make_inputs(B, N, D, dtype)
+    n_out = 2 if op == "gated_residual_adaln" else 1
+    gen = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(B, N, D, generator=gen).to(DEVICE) for _ in range(n_out)]
+
+    got_out, got_grad = forward_backward(op, inputs, "fused", grads_out)
+    # reference 1: fp64 math on the same (rounded) inputs
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs[:3]]
+    D_ = D
+    ref_inputs = ref_inputs + [ref_inputs[2][:, :D_], ref_inputs[2][:, 2 * D_ : 3 * D_], ref_inputs[2][:, 4 * D_ : 5 * D_]]
+    ref_out, ref_grad = forward_backward(op, ref_inputs, "ref", [g.double() for g in grads_out])
+    # reference 2: plain PyTorch in the same dtype, to bound the low-precision error
+    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs[:3]]
+    eager_inputs = eager_inputs + [eager_inputs[2][:, :D_], eager_inputs[2][:, 2 * D_ : 3 * D_], eager_inputs[2][:, 4 * D_ : 5 * D_]]
+    eager_out, eager_grad = forward_backward(op, eager_inputs, "ref", grads_out)
+
+    names = ["dx", "dmod"] if op == "adaln_layernorm" else ["dx", "dy", "dmod"]
+    for kind, got, ref, eager, labels in (
+        ("fwd", got_out, ref_out, eager_out, [f"out{i}" for i in range(n_out)]),
+        ("bwd", got_grad, ref_grad, eager_grad, names),
+    ):
+        for g, r, e, label in zip(got, ref, eager, labels):
+            assert g.dtype == dtype, f"{label} has dtype {g.dtype}"
+            what = f"{op} {label} {tuple(shape)} {dtype}"
+            if dtype == torch.float32:
+                scale_ = r.abs().max().item()
+                rtol, atol = TOLERANCES[(kind, dtype)]
+                assert_close(g, r, rtol=rtol, atol=atol * max(1.0, scale_), what=what)
+            else:
+                err = (g.double() - r).abs().max().item()
+                err_eager = (e.double() - r).abs().max().item()
+                rtol, atol = TOLERANCES[(kind, dtype)]
+                assert_close(g, r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()), what=what)
+                bound = 2 * err_eager + 1e-6
+                if dtype == torch.bfloat16 and not CUDA:
+                    # Triton's interpreter casts fp32 -> bf16 by truncation (a GPU rounds to nearest
+                    # even), which can cost one bf16 ulp of the largest output on top.
+                    bound += 2.0 ** (math.floor(math.log2(r.abs().max().item())) - 7)
+                assert err <= bound, f"{what}: error {err:.3e} vs plain PyTorch {err_eager:.3e}"
+
+
+def test_gradients_are_deterministic(poison):
+    inputs = make_inputs(3, 7, 1008, torch.float32)
+    grads_out = [torch.randn(3, 7, 1008, device=DEVICE) for _ in range(2)]
+    _, first = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
+    inputs2 = make_inputs(3, 7, 1008, torch.float32)
+    _, second = forward_backward("gated_residual_adaln", inputs2, "fused", grads_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_vectors_with_non_unit_stride_and_mixed_dtypes():
+    B, N, D = 2, 5, 384
+    x = torch.randn(B, N, D, device=DEVICE)  # fp32 residual stream, as under autocast
+    y = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16)
+    vecs = torch.randn(3, D, B, device=DEVICE, dtype=torch.bfloat16)  # (B, D) views with stride (1, B)
+    gate, shift, scale = (v.t() for v in vecs)
+    r, h = ops.gated_residual_adaln(x, y, gate, shift, scale)
+    r_ref, h_ref = ops.gated_residual_adaln_ref(x.double(), y.double(), gate.double(), shift.double(), scale.double())
+    eager_r, eager_h = ops.gated_residual_adaln_ref(x, y, gate, shift, scale)
+    assert r.dtype == eager_r.dtype == torch.float32 and h.dtype == eager_h.dtype
+    assert_close(r, r_ref.float(), what="r (mixed dtypes)")
+    assert_close(h, h_ref.float(), rtol=1e-5, atol=1e-4, what="h (mixed dtypes)")
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 3, 64, device=DEVICE)
+    v = torch.randn(2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\(B, N, D\)"):
+        ops.adaln_layernorm(x[0], v, v)
+    with pytest.raises(ValueError, match=r"shift must be .* \(2, 64\)"):
+        ops.adaln_layernorm(x, v[:1], v)
+    with pytest.raises(ValueError, match="y must be"):
+        ops.gated_residual(x, x[:, :2], v)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    B, N, D = 2, 3, 64
+    x, y = torch.randn(B, N, D, device=DEVICE), torch.randn(B, N, D, device=DEVICE)
+    mod = torch.randn(B, 3 * D, device=DEVICE)
+    gate, shift, scale = mod[:, :D], mod[:, D : 2 * D], mod[:, 2 * D :]
+    args = {
+        "adaln_layernorm": (x, None, None, shift, scale, 1e-6),
+        "gated_residual_adaln": (x, y, gate, shift, scale, 1e-6),
+        "gated_residual": (x, y, gate, None, None, 0.0),
+    }[op]
+    args = tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.ditfast.adaln_fwd.default, args)
+
+
+def test_compile_fullgraph_dit_block_forward_backward():
+    from ditfast.models import DiTBlock
+    from conftest import randomize_
+
+    block = randomize_(DiTBlock(64, 2)).to(DEVICE)
+    block.backend = "triton"
+    x = torch.randn(2, 5, 64, device=DEVICE, requires_grad=True)
+    c = torch.randn(2, 64, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, c)
+    out.square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    block.backend = "eager"
+    ref = block(x, c)
+    ref.square().sum().backward()
+    assert_close(out, ref, what="compiled fused block")
+    assert_close(grad, x.grad, kind="bwd", what="compiled fused block dx")
