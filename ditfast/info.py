@@ -40,6 +40,12 @@ def collect() -> dict[str, str]:
         info["device"] = f"cuda:{idx} {torch.cuda.get_device_name(idx)} (sm_{major}{minor}), {torch.cuda.device_count()} visible"
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), no CUDA device"
+    from .ops import triton_status
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = triton_status(device)
+    where = f"{device} (Triton interpreter: correct but slow, for tests)" if device == "cpu" else device
+    info["Triton adaLN kernels"] = f"usable on {where}" if reason is None else f"not usable on {device}: {reason}"
     if extension_loaded():
         info["ditfast._C"] = "loaded"
         version = cuda_ops_version()

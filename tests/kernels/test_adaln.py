@@ -48,11 +48,16 @@ def make_inputs(B, N, D, dtype, seed=0):
     x = torch.randn(B, N, D, generator=g) * 2 + 0.5
     y = torch.randn(B, N, D, generator=g)
     mod = torch.randn(B, 6 * D, generator=g) * 0.5
-    to = lambda t: t.to(device=DEVICE, dtype=dtype).requires_grad_()  # noqa: E731
-    x, y, mod = to(x), to(y), to(mod)
-    gate, shift, scale = mod[:, :D], mod[:, 2 * D : 3 * D], mod[:, 4 * D : 5 * D]
-    assert gate.stride() == (6 * D, 1)  # a strided view, as the model passes them
-    return x, y, mod, gate, shift, scale
+    inputs = leaves_like((x, y, mod), lambda t: t.to(device=DEVICE, dtype=dtype))
+    assert inputs[3].stride() == (6 * D, 1)  # a strided view, as the model passes them
+    return inputs
+
+
+def leaves_like(inputs, convert):
+    """Fresh leaf copies of (x, y, mod) through ``convert``, plus the gate/shift/scale views of mod."""
+    x, y, mod = (convert(t.detach()).clone().requires_grad_() for t in inputs[:3])
+    D = x.shape[-1]
+    return x, y, mod, mod[:, :D], mod[:, 2 * D : 3 * D], mod[:, 4 * D : 5 * D]
 
 
 def run(op, x, y, gate, shift, scale, impl):
@@ -89,14 +94,9 @@ def test_forward_backward_against_reference(poison, op, shape, dtype):
 
     got_out, got_grad = forward_backward(op, inputs, "fused", grads_out)
     # reference 1: fp64 math on the same (rounded) inputs
-    ref_inputs = [t.detach().double().requires_grad_() for t in inputs[:3]]
-    D_ = D
-    ref_inputs = ref_inputs + [ref_inputs[2][:, :D_], ref_inputs[2][:, 2 * D_ : 3 * D_], ref_inputs[2][:, 4 * D_ : 5 * D_]]
-    ref_out, ref_grad = forward_backward(op, ref_inputs, "ref", [g.double() for g in grads_out])
+    ref_out, ref_grad = forward_backward(op, leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
     # reference 2: plain PyTorch in the same dtype, to bound the low-precision error
-    eager_inputs = [t.detach().clone().requires_grad_() for t in inputs[:3]]
-    eager_inputs = eager_inputs + [eager_inputs[2][:, :D_], eager_inputs[2][:, 2 * D_ : 3 * D_], eager_inputs[2][:, 4 * D_ : 5 * D_]]
-    eager_out, eager_grad = forward_backward(op, eager_inputs, "ref", grads_out)
+    eager_out, eager_grad = forward_backward(op, leaves_like(inputs, lambda t: t), "ref", grads_out)
 
     names = ["dx", "dmod"] if op == "adaln_layernorm" else ["dx", "dy", "dmod"]
     for kind, got, ref, eager, labels in (
@@ -191,3 +191,17 @@ def test_compile_fullgraph_dit_block_forward_backward():
     ref.square().sum().backward()
     assert_close(out, ref, what="compiled fused block")
     assert_close(grad, x.grad, kind="bwd", what="compiled fused block dx")
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_programs_covering_several_rows(poison, monkeypatch, rows):
+    """Small shapes launch one row per program; force several (with a ragged last group) too."""
+    launch = kernels._launch_params
+    monkeypatch.setattr(kernels, "_launch_params", lambda B, N, D: (launch(B, N, D)[0], rows, 4))
+    B, N, D = 3, 7, 384
+    inputs = make_inputs(B, N, D, torch.float32)
+    grads_out = [torch.randn(B, N, D, device=DEVICE) for _ in range(2)]
+    got_out, got_grad = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
+    ref_out, ref_grad = forward_backward("gated_residual_adaln", leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
+    for g, r in zip(got_out + got_grad, ref_out + ref_grad):
+        assert_close(g, r.float(), rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()), what=f"rows={rows}")
