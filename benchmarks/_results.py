@@ -95,3 +95,54 @@ def append_rows(path: str, rows: Iterable[Mapping[str, object]]) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def time_fn(fn, device: torch.device | str, warmup: int = 10, reps: int = 50) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()`` after warm-up.
+
+    CUDA: ``triton.testing.do_bench`` (it flushes the L2 cache between runs) when triton is
+    installed, else CUDA events. CPU: wall clock per call.
+    """
+    import statistics
+    import time
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+            return float(med), float(p20), float(p80)
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def row(what: str, shape: str, dtype, provider: str, timing: tuple[float, float, float], device, *, flops=None, nbytes=None) -> dict:
+    """A result row from a ``time_fn`` timing; ``flops``/``nbytes`` per call give TFLOP/s and GB/s."""
+    med, p20, p80 = timing
+    return dict(
+        what=what, shape=shape, dtype=str(dtype).replace("torch.", ""), provider=provider,
+        median_ms=f"{med:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
+        tflops=f"{flops / med / 1e9:.3f}" if flops else "", gbps=f"{nbytes / med / 1e6:.1f}" if nbytes else "",
+        **environment(device),
+    )  # fmt: skip
