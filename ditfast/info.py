@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import platform
+import sys
 
 import torch
 
@@ -56,12 +57,16 @@ def collect() -> dict[str, str]:
     return info
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    if argv:
+        print("usage: ditfast info (takes no arguments)", file=sys.stderr)
+        return 2
     info = collect()
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .ops import modulate, timestep_embedding_ref
@@ -227,6 +228,7 @@ class DiT(nn.Module):
     ):
         super().__init__()
         self._modulation_cache = None
+        self.grad_checkpointing = False  # recompute each block in backward (less memory, ~1.3x compute)
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
         if hidden_size % 4:
@@ -325,24 +327,39 @@ class DiT(nn.Module):
             null = f" ({self.num_classes} is the null class)" if top == self.num_classes else ""
             raise ValueError(f"labels must lie in [0, {top}]{null}, got values in [{lo}, {hi}]")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W) latents, t (B,) timesteps, y (B,) labels -> (B, C_out, H, W)."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) timesteps, y (B,) labels -> (B, C_out, H, W).
+
+        ``force_drop_ids`` (B,) (not in the official signature, which is otherwise unchanged): where 1,
+        the label is replaced by the null class; when given, no random label dropout happens, so a
+        trainer can draw the dropout itself (reproducible across ranks and resumes).
+        """
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
-        y = self.y_embedder(y, self.training)  # (B, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         c = t + y  # (B, D)
         f = adaln_ops(self.backend, x.device)
         mods = self.modulations(c, one_gemm=f is FUSED_OPS)  # per block 6 (B, D), then the final 2
         # The official blocks, with each residual add fused into the LayerNorm that follows it:
         # the MLP residual of block i goes with block i+1's norm1 (the final layer's norm after the last).
         h = f.adaln_layernorm(x, *mods[0][:2])  # (B, T, D) = modulate(norm1(x), shift_msa, scale_msa)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
-            x, h = f.gated_residual_adaln(x, block.attn(h), gate_msa, shift_mlp, scale_mlp)
-            x, h = f.gated_residual_adaln(x, block.mlp(h), gate_mlp, *mods[i + 1][:2])
+            args = (block, f, x, h, mods[i], mods[i + 1])
+            x, h = checkpoint(self._block_step, *args, use_reentrant=False) if checkpointed else self._block_step(*args)
         x = self.final_layer.linear(h)  # (B, T, p*p*C_out)
         return self.unpatchify(x)  # (B, C_out, H, W)
+
+    @staticmethod
+    def _block_step(block: DiTBlock, f: AdaLNOps, x, h, mod, next_mod) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block from h = modulate(norm1(x)): attention and MLP with gated residuals; returns the
+        new residual stream x and the next LayerNorm's modulated output (next block's or final)."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        x, h = f.gated_residual_adaln(x, block.attn(h), gate_msa, shift_mlp, scale_mlp)
+        return f.gated_residual_adaln(x, block.mlp(h), gate_mlp, *next_mod[:2])
 
     def modulations(self, c: torch.Tensor, one_gemm: bool = False) -> list[tuple[torch.Tensor, ...]]:
         """adaLN vectors of every block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
