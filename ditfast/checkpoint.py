@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -60,10 +61,24 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor], class_dropout_prob: float = 0.1) -> dict[str, Any]:
+def _saved_config(source) -> dict[str, Any]:
+    """The DiT config a ``.safetensors`` file carries in its metadata (``ditfast train --export``)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(source), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["ditfast_config"]) if "ditfast_config" in meta else {}
+
+
+def infer_config(
+    state_dict: Mapping[str, torch.Tensor], class_dropout_prob: float = 0.1, num_heads: int | None = None
+) -> dict[str, Any]:
     """DiT constructor arguments implied by a state_dict's tensor shapes.
 
-    Heads follow the registry's rule (see :func:`ditfast.models.heads_for_hidden`). The label table
+    Heads (which no shape shows) are ``num_heads`` when given, else the registry's rule (see
+    :func:`ditfast.models.heads_for_hidden`). The label table
     has ``num_classes + 1`` rows when ``class_dropout_prob > 0`` (the null class), else
     ``num_classes`` rows.
     """
@@ -91,7 +106,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], class_dropout_prob: flo
         in_channels=in_channels,
         hidden_size=hidden,
         depth=depth,
-        num_heads=heads_for_hidden(hidden),
+        num_heads=num_heads or heads_for_hidden(hidden),
         class_dropout_prob=class_dropout_prob,
         num_classes=rows - 1 if class_dropout_prob > 0 else rows,
         learn_sigma=out_dim == 2 * patch * patch * in_channels,
@@ -143,7 +158,9 @@ def load_model(
             raise ValueError("config overrides apply only when load_model builds the model")
         net = model
     else:
-        inferred = infer_config(state_dict, config.get("class_dropout_prob", 0.1))
+        saved = _saved_config(source)
+        heads = config.get("num_heads", saved.get("num_heads"))
+        inferred = {**infer_config(state_dict, config.get("class_dropout_prob", 0.1), heads), **saved}
         if model is not None and model not in DiT_models:
             raise ValueError(f"unknown model {model!r}; expected one of {sorted(DiT_models)}")
         # Built on the meta device (no random init of weights that are overwritten anyway).

@@ -106,3 +106,23 @@ def test_bad_sources(tmp_path):
         load_model(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="neither a state_dict"):
         load_model({"step": 3})
+
+
+def test_exported_safetensors_carry_their_config(tmp_path):
+    from ditfast.train import export_safetensors
+
+    cfg = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=96, depth=1, num_heads=3, num_classes=5)
+    model = randomize_(DiT(**cfg)).eval()  # 96 is no registry width: heads could not be inferred
+    export_safetensors(model, cfg, str(tmp_path / "m.safetensors"))
+    loaded = load_model(tmp_path / "m.safetensors")
+    assert loaded.num_heads == 3
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 900]), torch.tensor([2, 5])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y), model(x, t, y))
+
+
+def test_num_heads_override_for_a_non_registry_width():
+    model = randomize_(DiT(input_size=8, patch_size=2, hidden_size=96, depth=1, num_heads=3, num_classes=5)).eval()
+    with pytest.raises(ValueError, match="pass num_heads explicitly"):
+        load_model(model.state_dict())
+    assert load_model(model.state_dict(), num_heads=3).num_heads == 3
