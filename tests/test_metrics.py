@@ -16,7 +16,7 @@ import torch
 from ditfast.metrics import (
     Statistics, compute_activations, compute_statistics, frechet_distance, get_extractor, inception_score,
     manifold_radii, precision_recall, preprocess, read_image_folder, read_npz, resize_bilinear_tf,
-    trace_sqrt_product, write_npz,
+    to_uint8_images, trace_sqrt_product, write_npz,
 )  # fmt: skip
 from ditfast.metrics import inception as inception_mod
 from ditfast.metrics import scores as scores_mod
@@ -353,6 +353,24 @@ def test_inception_features_deterministic_and_batch_size_invariant(images_and_fe
     np.testing.assert_allclose(sa.numpy(), spatial[:1], rtol=1e-4, atol=1e-5 * spatial.max())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: GPU features and precision/recall vs the CPU")
+def test_cuda_features_and_precision_recall_match_cpu(images_and_features):
+    images, pool, spatial = images_and_features
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True  # as a training script may leave it: features must not use TF32
+    try:
+        pool_gpu, spatial_gpu = compute_activations(images, batch_size=4, device="cuda", progress=False)
+        assert torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    np.testing.assert_allclose(pool_gpu, pool, rtol=1e-3, atol=1e-4 * pool.max())
+    np.testing.assert_allclose(spatial_gpu, spatial, rtol=1e-3, atol=1e-4 * spatial.max())
+    rng = np.random.default_rng(7)
+    ref, samples = rng.standard_normal((300, 64)), rng.standard_normal((200, 64)) * 1.2
+    assert precision_recall(ref, samples, device="cuda") == precision_recall(ref, samples, device="cpu")
+
+
 def _import_fid_helper(monkeypatch):
     """The wheel's own FidHelper as an oracle (tests only): stub the modules it imports but never uses here."""
     for name in ("cv2", "filetype", "requests", "loguru"):
@@ -469,6 +487,15 @@ def test_npz_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(np.concatenate(list(read_npz(path).iter_images(8))), first)
     assert os.listdir(tmp_path) == ["ref.npz"]
+
+
+def test_to_uint8_images_follows_the_sampling_script_rule():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 0.999, 1.0, 2.0]).reshape(1, 1, 2, 4).expand(2, 3, 2, 4)
+    out = to_uint8_images(x)
+    assert out.shape == (2, 2, 4, 3) and out.dtype == np.uint8
+    assert out[0, :, :, 0].ravel().tolist() == [0, 0, 64, 128, 191, 255, 255, 255]  # trunc(127.5 x + 128), clamped
+    with pytest.raises(ValueError, match="float samples"):
+        to_uint8_images(torch.zeros(2, 4, 8, 8))
 
 
 def test_read_image_folder(tmp_path):

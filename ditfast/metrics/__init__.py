@@ -18,7 +18,7 @@ from .inception import (
     POOL_DIM, SPATIAL_DIM, InceptionFeatureExtractor, compute_activations, get_extractor, inception_weights_path,
     preprocess, resize_bilinear_tf,
 )  # fmt: skip
-from .npz import NpzBatch, read_image_folder, read_npz, write_npz
+from .npz import NpzBatch, read_image_folder, read_npz, to_uint8_images, write_npz
 from .scores import (
     Statistics, compute_statistics, frechet_distance, inception_score, manifold_radii, precision_recall, trace_sqrt_product,
 )  # fmt: skip
@@ -26,7 +26,7 @@ from .scores import (
 __all__ = [
     "evaluate", "make_reference", "load_logits_weight", "activations_of", "PR_NEIGHBOURS",
     "POOL_DIM", "SPATIAL_DIM", "InceptionFeatureExtractor", "compute_activations", "get_extractor", "inception_weights_path",
-    "preprocess", "resize_bilinear_tf", "NpzBatch", "read_image_folder", "read_npz", "write_npz",
+    "preprocess", "resize_bilinear_tf", "NpzBatch", "read_image_folder", "read_npz", "to_uint8_images", "write_npz",
     "Statistics", "compute_statistics", "frechet_distance", "inception_score", "manifold_radii", "precision_recall",
     "trace_sqrt_product",
 ]  # fmt: skip

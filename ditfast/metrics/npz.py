@@ -20,7 +20,7 @@ import numpy as np
 from .inception import POOL_DIM, SPATIAL_DIM
 from .scores import Statistics
 
-__all__ = ["NpzBatch", "read_npz", "write_npz", "write_json", "read_image_folder", "IMAGE_EXTENSIONS"]
+__all__ = ["NpzBatch", "read_npz", "write_npz", "write_json", "to_uint8_images", "read_image_folder", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _STAT_SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,), "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
@@ -160,6 +160,17 @@ def _atomic_write(path: str, write: Callable) -> str:
         os.unlink(tmp)
         raise
     return path
+
+
+def to_uint8_images(samples) -> np.ndarray:
+    """Decoded samples (B, C, H, W) in [-1, 1] -> uint8 (B, H, W, C), the rule of DiT's sample_ddp.py:
+    ``clamp(127.5 * x + 128, 0, 255)`` truncated to integers."""
+    import torch
+
+    x = torch.as_tensor(samples)
+    if x.dim() != 4 or not x.is_floating_point() or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected float samples of shape (B, 1|3, H, W) in [-1, 1], got {x.dtype} {tuple(x.shape)}")
+    return torch.clamp(127.5 * x.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def read_image_folder(folder: str) -> np.ndarray:
