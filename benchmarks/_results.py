@@ -22,6 +22,13 @@ FIELDS = [
     "device", "torch", "triton", "git_sha", "date",
 ]  # fmt: skip
 
+# Rows of sample-quality results (the Gflops-vs-FID scaling study), one per trained model, sampler
+# and seed; benchmarks/report.py reads them from results/*.csv files whose header is this.
+FID_FIELDS = [
+    "model", "gflops", "fid", "sfid", "precision", "recall", "num_samples", "train_steps", "sampler",
+    "provider", "seed", "device", "torch", "triton", "git_sha", "date",
+]  # fmt: skip
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -64,32 +71,42 @@ def environment(device: torch.device | str | None = None) -> dict[str, str]:
     }
 
 
-def append_rows(path: str, rows: Iterable[Mapping[str, object]]) -> str:
+def append_rows(path: str, rows: Iterable[Mapping[str, object]], fields: list[str] = FIELDS) -> str:
     """Append rows to a CSV (header written on creation) by rewriting it atomically.
 
     The file is rebuilt in a temporary file in the same folder and renamed over the old one, so a
-    crash never leaves a half-written results file. Unknown columns are an error.
+    crash never leaves a half-written results file. Unknown columns are an error. ``fields`` is
+    ``FIELDS`` (timings) or ``FID_FIELDS`` (sample quality).
     """
     path = path if os.path.isabs(path) or os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rows = list(rows)
     for row in rows:
-        extra = set(row) - set(FIELDS)
+        extra = set(row) - set(fields)
         if extra:
-            raise ValueError(f"unknown result columns {sorted(extra)}; expected a subset of {FIELDS}")
+            raise ValueError(f"unknown result columns {sorted(extra)}; expected a subset of {fields}")
     existing = ""
     if os.path.exists(path):
         with open(path, newline="") as f:
             existing = f.read()
+        header = next(csv.reader(io.StringIO(existing)), None)
+        if existing and header != fields:
+            raise ValueError(f"{path} has columns {header}; these rows have {fields}: use another file")
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=fields)
     if not existing:
         writer.writeheader()
     writer.writerows(rows)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    return atomic_write(path, existing + buf.getvalue())
+
+
+def atomic_write(path: str, data: str | bytes) -> str:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(existing + buf.getvalue())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -74,3 +74,19 @@ def _seed():
 def expect_extension() -> bool:
     """CI sets DITFAST_EXPECT_EXT=1: there the compiled extension must have loaded."""
     return os.environ.get("DITFAST_EXPECT_EXT", "0") == "1"
+
+
+@pytest.fixture(scope="session")
+def inception_weights() -> str:
+    """Path of the FID Inception TorchScript file; skips (with the reason) when it is not installed.
+
+    CI sets DITFAST_EXPECT_INCEPTION=1: there a missing file fails instead of skipping.
+    """
+    from ditfast.metrics import inception_weights_path
+
+    try:
+        return inception_weights_path()
+    except FileNotFoundError as exc:
+        if os.environ.get("DITFAST_EXPECT_INCEPTION", "0") == "1":
+            pytest.fail(f"DITFAST_EXPECT_INCEPTION=1 but {exc}")
+        pytest.skip(f"FID Inception weights not installed: {exc}")
