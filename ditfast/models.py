@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from ._ext import op_available
 from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "modulate",
     "adaln_ops",
+    "patch_ops_enabled",
     "BACKENDS",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -59,6 +61,15 @@ def adaln_ops(backend: str, device: torch.device) -> AdaLNOps:
             raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
         return FUSED_OPS
     return FUSED_OPS if device.type == "cuda" and reason is None else EAGER_OPS
+
+
+def patch_ops_enabled(backend: str, device: torch.device) -> bool:
+    """Whether DiT embeds patches and unpatchifies with the compiled ops of :mod:`ditfast.ops.patch`
+    (one kernel each; the CFG combine fused into unpatchify): never with "eager" (official math),
+    always with "triton", and with "auto" on CUDA when ``ditfast._C`` has CUDA ops."""
+    if backend == "eager":
+        return False
+    return backend == "triton" or (device.type == "cuda" and op_available(device))
 
 
 class TimestepEmbedder(nn.Module):
@@ -327,8 +338,18 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W) latents, t (B,) timesteps, y (B,) labels -> (B, C_out, H, W)."""
+        x = self.forward_tokens(x, t, y)  # (B, T, p*p*C_out)
+        if patch_ops_enabled(self.backend, x.device):
+            return ops.unpatchify(x, self.patch_size, self.out_channels)
+        return self.unpatchify(x)  # (B, C_out, H, W)
+
+    def forward_tokens(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The model up to its final linear layer: (B, T, p*p*C_out) tokens, before unpatchify."""
         self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        if patch_ops_enabled(self.backend, x.device):
+            x = ops.patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias, self.pos_embed)
+        else:
+            x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         y = self.y_embedder(y, self.training)  # (B, D)
         c = t + y  # (B, D)
@@ -341,8 +362,7 @@ class DiT(nn.Module):
             _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[i]
             x, h = f.gated_residual_adaln(x, block.attn(h), gate_msa, shift_mlp, scale_mlp)
             x, h = f.gated_residual_adaln(x, block.mlp(h), gate_mlp, *mods[i + 1][:2])
-        x = self.final_layer.linear(h)  # (B, T, p*p*C_out)
-        return self.unpatchify(x)  # (B, C_out, H, W)
+        return self.final_layer.linear(h)  # (B, T, p*p*C_out)
 
     def modulations(self, c: torch.Tensor, one_gemm: bool = False) -> list[tuple[torch.Tensor, ...]]:
         """adaLN vectors of every block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
@@ -381,6 +401,7 @@ class DiT(nn.Module):
 
         "eager" is the official PyTorch math; "triton" the fused kernels (an error where they cannot
         run); "auto" (default) picks triton for CUDA tensors when triton is installed, else eager.
+        The patch embedding and unpatchify follow :func:`patch_ops_enabled`.
         """
         return self._backend
 
@@ -418,8 +439,12 @@ class DiT(nn.Module):
             )
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
         n_guided = self.in_channels if guide_all_channels else 3
+        if patch_ops_enabled(self.backend, x.device):  # the lines below, fused into the unpatchify pass
+            tokens = self.forward_tokens(combined, t, y)
+            n_guided = min(n_guided, self.out_channels)
+            return ops.unpatchify_cfg(tokens, self.patch_size, self.out_channels, cfg_scale, n_guided, full_batch=True)
+        model_out = self.forward(combined, t, y)
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
