@@ -245,9 +245,11 @@ if extension_loaded():
 
     def _patch_embed_backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        mask = [bool(n and has) for n, has in zip(ctx.needs_input_grad, ctx.has)]
+        # needs_input_grad omits trailing arguments left at their default (None)
+        needs = tuple(ctx.needs_input_grad) + (False,) * (4 - len(ctx.needs_input_grad))
+        mask = [bool(n and has) for n, has in zip(needs, ctx.has)]
         grads = torch.ops.ditfast.patch_embed_backward(grad, x, weight, mask)
-        return tuple(g if need else None for g, need in zip(grads, mask))
+        return tuple(g if need else None for g, need in zip(grads, mask))[: len(ctx.needs_input_grad)]
 
     torch.library.register_autograd("ditfast::patch_embed", _patch_embed_backward, setup_context=_patch_embed_setup)
 
