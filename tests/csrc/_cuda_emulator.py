@@ -85,6 +85,7 @@ def load():
     lib.emu_unpatchify.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.emu_patchify.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, ctypes.c_int]
     lib.emu_unpatchify_cfg.argtypes = [ctypes.c_int, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_double, ctypes.c_bool, ctypes.c_int]
+    lib.emu_timestep_embedding.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
     _LIB = lib
     return lib
 
@@ -117,3 +118,7 @@ def patchify(image, tokens, p, sms=132):
 def unpatchify_cfg(tokens, image, p, C, guided, scale, full_batch, sms=132):
     half = tokens.shape[0] // 2
     _check("unpatchify_cfg", _LIB.emu_unpatchify_cfg(DTYPES[tokens.dtype], _ptr(tokens), _ptr(image), half, C, p, image.shape[2] // p, guided, scale, full_batch, sms))
+
+
+def timestep_embedding(t, out, max_period=10000.0, sms=132):
+    _check("timestep_embedding", _LIB.emu_timestep_embedding(_ptr(t), _ptr(out), out.shape[0], out.shape[1], max_period, sms))

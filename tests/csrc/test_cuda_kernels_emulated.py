@@ -131,3 +131,11 @@ def test_unpatchify_cfg_kernel(case, guided, dtype, full_batch, sms):
     assert torch.equal(out[:half, guided:], image[:half, guided:])
     if full_batch:
         assert torch.equal(out[half:, guided:], image[half:, guided:])
+
+
+@pytest.mark.parametrize("dim", [256, 255])
+def test_timestep_embedding_kernel(dim):
+    t = torch.cat([torch.tensor([0.0, 999.0]), torch.rand(298) * 1000])
+    out = nan_buffer((300, dim), torch.float32)
+    emu.timestep_embedding(t, out)
+    assert_close(out, ops.timestep_embedding_ref(t.double(), dim), rtol=0, atol=2e-4, what="timestep_embedding")
