@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
+from ._ext import op_available
 from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "get_2d_sincos_pos_embed",
     "modulate",
     "adaln_ops",
+    "patch_ops_enabled",
     "BACKENDS",
     "TimestepEmbedder",
     "LabelEmbedder",
@@ -60,6 +62,15 @@ def adaln_ops(backend: str, device: torch.device) -> AdaLNOps:
             raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
         return FUSED_OPS
     return FUSED_OPS if device.type == "cuda" and reason is None else EAGER_OPS
+
+
+def patch_ops_enabled(backend: str, device: torch.device) -> bool:
+    """Whether DiT embeds patches and unpatchifies with the compiled ops of :mod:`ditfast.ops.patch`
+    (one kernel each; the CFG combine fused into unpatchify): never with "eager" (official math),
+    always with "triton", and with "auto" on CUDA when ``ditfast._C`` has CUDA ops."""
+    if backend == "eager":
+        return False
+    return backend == "triton" or (device.type == "cuda" and op_available(device))
 
 
 class TimestepEmbedder(nn.Module):
@@ -336,8 +347,20 @@ class DiT(nn.Module):
         the label is replaced by the null class; when given, no random label dropout happens, so a
         trainer can draw the dropout itself (reproducible across ranks and resumes).
         """
+        x = self.forward_tokens(x, t, y, force_drop_ids)  # (B, T, p*p*C_out)
+        if patch_ops_enabled(self.backend, x.device):
+            return ops.unpatchify(x, self.patch_size, self.out_channels)
+        return self.unpatchify(x)  # (B, C_out, H, W)
+
+    def forward_tokens(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The model up to its final linear layer: (B, T, p*p*C_out) tokens, before unpatchify."""
         self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        if patch_ops_enabled(self.backend, x.device):
+            x = ops.patch_embed(x, self.x_embedder.proj.weight, self.x_embedder.proj.bias, self.pos_embed)
+        else:
+            x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         c = t + y  # (B, D)
@@ -350,8 +373,7 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             args = (block, f, x, h, mods[i], mods[i + 1])
             x, h = checkpoint(self._block_step, *args, use_reentrant=False) if checkpointed else self._block_step(*args)
-        x = self.final_layer.linear(h)  # (B, T, p*p*C_out)
-        return self.unpatchify(x)  # (B, C_out, H, W)
+        return self.final_layer.linear(h)  # (B, T, p*p*C_out)
 
     @staticmethod
     def _block_step(block: DiTBlock, f: AdaLNOps, x, h, mod, next_mod) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +420,7 @@ class DiT(nn.Module):
 
         "eager" is the official PyTorch math; "triton" the fused kernels (an error where they cannot
         run); "auto" (default) picks triton for CUDA tensors when triton is installed, else eager.
+        The patch embedding and unpatchify follow :func:`patch_ops_enabled`.
         """
         return self._backend
 
@@ -435,8 +458,12 @@ class DiT(nn.Module):
             )
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
         n_guided = self.in_channels if guide_all_channels else 3
+        if patch_ops_enabled(self.backend, x.device):  # the lines below, fused into the unpatchify pass
+            tokens = self.forward_tokens(combined, t, y)
+            n_guided = min(n_guided, self.out_channels)
+            return ops.unpatchify_cfg(tokens, self.patch_size, self.out_channels, cfg_scale, n_guided, full_batch=True)
+        model_out = self.forward(combined, t, y)
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -16,7 +16,17 @@ from .adaln import (
     modulate,
     triton_status,
 )
-from . import timestep
+from . import patch, timestep
+from .patch import (
+    patch_embed,
+    patch_embed_ref,
+    patchify,
+    patchify_ref,
+    unpatchify,
+    unpatchify_cfg,
+    unpatchify_cfg_ref,
+    unpatchify_ref,
+)
 from .timestep import timestep_embedding, timestep_embedding_ref
 
 __all__ = [
@@ -25,4 +35,8 @@ __all__ = [
     "gated_residual", "gated_residual_ref",
     "modulate", "triton_status",
     "timestep_embedding", "timestep_embedding_ref",
+    "patch_embed", "patch_embed_ref",
+    "unpatchify", "unpatchify_ref",
+    "patchify", "patchify_ref",
+    "unpatchify_cfg", "unpatchify_cfg_ref",
 ]  # fmt: skip
