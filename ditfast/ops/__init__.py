@@ -17,6 +17,7 @@ from .adaln import (
     triton_status,
 )
 from . import timestep
+from .attention import packed_attention, packed_attention_ref
 from .timestep import timestep_embedding, timestep_embedding_ref
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "gated_residual", "gated_residual_ref",
     "modulate", "triton_status",
     "timestep_embedding", "timestep_embedding_ref",
+    "packed_attention", "packed_attention_ref",
 ]  # fmt: skip
