@@ -354,31 +354,33 @@ _CHOICES: dict[tuple, str] = {}
 @torch.compiler.assume_constant_result
 def _choose(device: str, dtype: torch.dtype, num_heads: int, head_dim: int, needs_grad: bool, backend: str) -> str:
     """The backend name for this problem (a plain function of constants, so torch.compile folds it)."""
-    source = "backend="
-    if backend == "auto":
-        backend, source = os.environ.get(ENV_VAR, "").strip() or "auto", f"{ENV_VAR}="
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
-    problem = AttentionProblem(device, dtype, num_heads, head_dim, needs_grad)
-    candidates = [backend] if backend != "auto" else priority(torch.device(device).type)
-    key = (problem, tuple(candidates))
-    if key in _CHOICES:
-        return _CHOICES[key]
-    if backend != "auto":
-        reasons = BACKENDS[backend].not_supported_reasons(problem)
-        if reasons:
-            raise AttentionBackendError(
-                f"attention backend {backend!r} (set by {source}{backend!r}) cannot run {problem}: "
-                + "; ".join(reasons)
-                + f"\nEvery backend for this problem:\n{_all_reasons(problem, priority(torch.device(device).type))}"
-            )
-        chosen = backend
-    else:
-        chosen = next((n for n in candidates if not BACKENDS[n].not_supported_reasons(problem)), None)
-        if chosen is None:
-            raise AttentionBackendError(f"no attention backend can run {problem}:\n{_all_reasons(problem, candidates)}")
-    _CHOICES[key] = chosen
+    env = os.environ.get(ENV_VAR) if backend == "auto" else None
+    key = (device, dtype, num_heads, head_dim, needs_grad, backend, env, tuple(priority(device.partition(":")[0])))
+    chosen = _CHOICES.get(key)
+    if chosen is None:
+        chosen = _CHOICES[key] = _decide(AttentionProblem(device, dtype, num_heads, head_dim, needs_grad), backend, env)
     return chosen
+
+
+def _decide(problem: AttentionProblem, backend: str, env: str | None) -> str:
+    source = "backend="
+    if backend == "auto" and env and env.strip() != "auto":
+        backend, source = env.strip(), f"{ENV_VAR}="
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    device_list = priority(torch.device(problem.device).type)
+    if backend == "auto":
+        chosen = next((n for n in device_list if not BACKENDS[n].not_supported_reasons(problem)), None)
+        if chosen is None:
+            raise AttentionBackendError(f"no attention backend can run {problem}:\n{_all_reasons(problem, device_list)}")
+        return chosen
+    reasons = BACKENDS[backend].not_supported_reasons(problem)
+    if reasons:
+        raise AttentionBackendError(
+            f"attention backend {backend!r} (set by {source}{backend!r}) cannot run {problem}: " + "; ".join(reasons)
+            + f"\nEvery backend for this problem:\n{_all_reasons(problem, device_list)}"
+        )  # fmt: skip
+    return backend
 
 
 def select_backend(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> AttentionBackend:

@@ -185,3 +185,32 @@ def test_bad_inputs():
         ops.packed_attention(qkv.long(), 2)
     with pytest.raises(ValueError, match="head dims up to 256"):
         ops.packed_attention(torch.randn(1, 2, 3 * 264, device=DEVICE), 1)
+
+
+def test_autotuned_launch_path(monkeypatch, poison):
+    """The CUDA path (autotuned kernels, grids from the chosen config) run in the interpreter with
+    a stand-in timer, so a launch-argument mistake on that path fails here too, without a GPU."""
+    import triton
+
+    timed = []
+
+    def fake_bench(fn, quantiles=None, **kwargs):
+        fn()
+        timed.append(fn)
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    def tuned(big, small, kernel):
+        configs = [triton.Config({big: 16, small: 16}), triton.Config({big: 32, small: 16}), triton.Config({big: 128, small: 64})]
+        return triton.autotune(configs, key=kernels._TUNE_KEY, prune_configs_by=kernels._PRUNE, do_bench=fake_bench)(kernel)
+
+    monkeypatch.setattr(kernels, "_fwd_tuned", tuned("BLOCK_M", "BLOCK_N", kernels._attn_fwd_kernel))
+    monkeypatch.setattr(kernels, "_dkdv_tuned", tuned("BLOCK_N", "BLOCK_M", kernels._attn_bwd_kernel))
+    monkeypatch.setattr(kernels, "_dq_tuned", tuned("BLOCK_M", "BLOCK_N", kernels._attn_bwd_kernel))
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda raw, tuned_, grid_of, on_cuda, *a, **m: launch(raw, tuned_, grid_of, True, *a, **m))
+    qkv, dout = make_qkv(2, 17, 2, 72, torch.float32, seed=11)
+    out, lse, dqkv = run_kernels(qkv, dout, 2)
+    assert len(timed) == 6  # 3 kernels x 2 configs: the 128-row config is pruned at N=17
+    ref_out, ref_lse, ref_dqkv = reference(qkv, dout, 2)
+    scaled_close(out, ref_out.float(), torch.float32, "fwd", "autotuned out")
+    scaled_close(dqkv, ref_dqkv.float(), torch.float32, "bwd", "autotuned dqkv")
