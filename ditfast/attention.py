@@ -62,9 +62,11 @@ ENV_VAR = "DITFAST_ATTN_BACKEND"
 # CUDA: PROVISIONAL, NOT YET MEASURED. benchmarks/bench_attention.py times every backend on the
 # DiT shapes and prints the measured order as a line to paste here. Until then the default is:
 # flash-attn first (it reads the packed qkv in place, no copies, and is the reference fused kernel),
-# then torch's own kernels in torch's own default order (flash, then memory-efficient, which also
-# takes fp32), xformers, cuDNN (torch demoted it after correctness bugs in 2.5), then ditfast's
-# Triton kernel (unmeasured, so below the mature kernels), and the math path last (always fits).
+# then torch's flash and memory-efficient kernels (torch's long-standing default order; the latter
+# also takes fp32), xformers, then cuDNN (torch made it opt-in after correctness bugs in 2.5,
+# pytorch#138522, and its default again on sm90/sm100 only from 2.9, pytorch#162073, so it may well
+# measure fastest on H100), then ditfast's Triton kernel (unmeasured, so below the mature kernels),
+# and the math path last (it always fits).
 # CPU: torch's own SDPA choice, i.e. exactly the official model's call; the Triton kernel runs on
 # the CPU only under the interpreter (tests), so it is never chosen automatically there.
 PRIORITY: dict[str, list[str]] = {
