@@ -12,9 +12,11 @@ save the logsumexp of every query row (fp32, natural log) for the backward.
 
 Backward, without atomics (so gradients are bitwise reproducible), in three launches:
   1. preprocess  delta = rowsum(dO * O) per (batch, head, query)                 (B, H, N) fp32
-  2. dk, dv      one program per BLOCK_N keys: loop over all query blocks, recompute P from the
-                 saved logsumexp, accumulate dV += P^T dO and dK += dS^T Q
-  3. dq          one program per BLOCK_M queries: loop over all key blocks, dQ += dS K
+  2. dk, dv      ``_attn_bwd_kernel`` with DKDV=True: one program per BLOCK_N keys loops over all
+                 query blocks, recomputes P from the saved logsumexp, accumulates dV += P^T dO
+                 and dK += dS^T Q
+  3. dq          the same kernel with DKDV=False: one program per BLOCK_M queries loops over all
+                 key blocks, dQ += dS K
 with dS = P * (dO V^T - delta). dq, dk, dv are written straight into a packed (B, N, 3*D) dqkv,
 the gradient layout the qkv Linear's backward consumes. Recomputing S and dP in both (2) and (3)
 costs two extra matmuls (7 instead of 5) in exchange for determinism.
@@ -44,12 +46,11 @@ __all__ = ["attention_fwd", "attention_bwd", "head_blocks", "HEAD_LAYOUTS"]
 _empty = torch.empty
 
 HEAD_LAYOUTS = ("split", "pad")
-# Provisional default (see the module docstring); DITFAST_ATTN_HEAD_LAYOUT overrides it at import,
-# and the launchers take head_layout= per call (the benchmark measures both).
+# Provisional default (see the module docstring). DITFAST_ATTN_HEAD_LAYOUT overrides it at import,
+# the launchers take head_layout= per call, and benchmarks/bench_attention.py flips this setting.
 HEAD_LAYOUT = os.environ.get("DITFAST_ATTN_HEAD_LAYOUT", "split")
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # (the kernels spell their constants out: jit code reads no plain globals)
 
 
 # ------------------------------------------------------------------------------------------
