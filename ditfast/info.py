@@ -47,6 +47,11 @@ def collect() -> dict[str, str]:
     reason = triton_status(device)
     where = f"{device} (Triton interpreter: correct but slow, for tests)" if device == "cpu" else device
     info["Triton adaLN kernels"] = f"usable on {where}" if reason is None else f"not usable on {device}: {reason}"
+    from .attention import ENV_VAR, describe, priority
+
+    for name, text in describe(device).items():
+        info[f"attention {name}"] = text
+    info["attention auto order"] = f"{device}: {', '.join(priority(device))} (first that fits; {ENV_VAR} forces one)"
     if extension_loaded():
         info["ditfast._C"] = "loaded"
         version = cuda_ops_version()

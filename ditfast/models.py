@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from ._ext import op_available
+from .attention import attention, check_backend_name
 from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
@@ -152,13 +153,12 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"  # attention backend (see ditfast.attention); set by DiT(attn_backend=...)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, Hd, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, Hd, T, Dh)
-        x = x.transpose(1, 2).reshape(B, T, D)
+        qkv = self.qkv(x)  # (B, T, 3D), each token [q | k | v], each head-major
+        # softmax(q k^T * scale) v per head; on CPU "auto" is exactly F.scaled_dot_product_attention
+        x = attention(qkv, self.num_heads, scale=self.scale, backend=self.backend)  # (B, T, D)
         return self.proj(x)
 
 
@@ -236,6 +236,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
         *,
         backend: str = "auto",
+        attn_backend: str = "auto",
     ):
         super().__init__()
         self._modulation_cache = None
@@ -263,6 +264,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.backend = backend
+        self.attn_backend = attn_backend
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -431,6 +433,19 @@ class DiT(nn.Module):
         self._backend = value
         for block in self.blocks:
             block.backend = value
+
+    @property
+    def attn_backend(self) -> str:
+        """Which attention backend the blocks use: "auto" (default: ``DITFAST_ATTN_BACKEND`` if set,
+        else the fastest that fits, see ``ditfast.attention.PRIORITY``) or a name from
+        ``ditfast.attention.BACKENDS`` ("flash-attn", "sdpa-math", "triton", ...) to force one."""
+        return self._attn_backend
+
+    @attn_backend.setter
+    def attn_backend(self, value: str) -> None:
+        self._attn_backend = check_backend_name(value)
+        for block in self.blocks:
+            block.attn.backend = value
 
     def _apply(self, fn, *args, **kwargs):
         self._modulation_cache = None  # .to()/.half()/.cuda() replace the parameters

@@ -27,6 +27,7 @@ from .patch import (
     unpatchify_cfg_ref,
     unpatchify_ref,
 )
+from .attention import packed_attention, packed_attention_ref
 from .timestep import timestep_embedding, timestep_embedding_ref
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "unpatchify", "unpatchify_ref",
     "patchify", "patchify_ref",
     "unpatchify_cfg", "unpatchify_cfg_ref",
+    "packed_attention", "packed_attention_ref",
 ]  # fmt: skip
