@@ -9,7 +9,7 @@
 
 #include <vector>
 
-#include "../patch_checks.h"
+#include "../checks.h"
 
 namespace ditfast {
 namespace {

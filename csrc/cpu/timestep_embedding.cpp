@@ -6,13 +6,13 @@
 
 #include <cmath>
 
+#include "../checks.h"
+
 namespace ditfast {
 namespace {
 
 at::Tensor timestep_embedding_cpu(const at::Tensor& t, int64_t dim, double max_period) {
-  TORCH_CHECK(t.dim() == 1, "timestep_embedding: t must be 1-D (B,), got ", t.dim(), "-D");
-  TORCH_CHECK(dim >= 1, "timestep_embedding: dim must be positive, got ", dim);
-  TORCH_CHECK(max_period > 0, "timestep_embedding: max_period must be positive, got ", max_period);
+  check_timestep_embedding(t, dim, max_period);
   const at::Tensor tf = t.to(at::kFloat).contiguous();
   const int64_t batch = tf.size(0);
   const int64_t half = dim / 2;

@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../patch_checks.h"
+#include "../checks.h"
 #include "launchers.h"
 
 namespace ditfast {

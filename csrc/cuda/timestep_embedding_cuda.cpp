@@ -7,13 +7,13 @@
 
 #include "launchers.h"
 
+#include "../checks.h"
+
 namespace ditfast {
 namespace {
 
 at::Tensor timestep_embedding_cuda(const at::Tensor& t, int64_t dim, double max_period) {
-  TORCH_CHECK(t.dim() == 1, "timestep_embedding: t must be 1-D (B,), got ", t.dim(), "-D");
-  TORCH_CHECK(dim >= 1, "timestep_embedding: dim must be positive, got ", dim);
-  TORCH_CHECK(max_period > 0, "timestep_embedding: max_period must be positive, got ", max_period);
+  check_timestep_embedding(t, dim, max_period);
   const c10::cuda::CUDAGuard guard(t.device());
   const at::Tensor tf = t.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({tf.size(0), dim}, tf.options());

@@ -1,5 +1,5 @@
-// Argument checks of the patch ops, shared by the CPU and CUDA implementations (which see the
-// same schemas, declared in ditfast.cpp). Each returns the geometry the kernels need.
+// Argument checks of the ops, shared by the CPU and CUDA implementations (which see the same
+// schemas, declared in ditfast.cpp). The patch ops' checks return the geometry the kernels need.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -8,6 +8,12 @@
 #include <optional>
 
 namespace ditfast {
+
+inline void check_timestep_embedding(const at::Tensor& t, int64_t dim, double max_period) {
+  TORCH_CHECK(t.dim() == 1, "timestep_embedding: t must be 1-D (B,), got ", t.dim(), "-D");
+  TORCH_CHECK(dim >= 1, "timestep_embedding: dim must be positive, got ", dim);
+  TORCH_CHECK(max_period > 0, "timestep_embedding: max_period must be positive, got ", max_period);
+}
 
 struct PatchEmbedShape {
   int64_t B, C, H, W, p, D, T;
