@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("ditfast.demo", "sample a grid of digits with the bundled model; print speed and quality"),
     "train": ("ditfast.train", "train a DiT (bundled digits, an image folder or latent shards)"),
     "extract-latents": ("ditfast.extract", "encode an image folder with a VAE into latent shards for training"),
+    "sample": ("ditfast.sample", "sample images (DDPM, DDIM, DPM-Solver++; CUDA-graph loop) into PNGs and an ADM .npz"),
 }
 
 
