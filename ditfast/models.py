@@ -80,9 +80,6 @@ class TimestepEmbedder(nn.Module):
         return timestep_embedding_ref(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() == 1 and len(t) > 1 and t.stride(0) == 0:
-            # one timestep broadcast to the batch (a sampler step passes t.expand(B)): embed it once
-            return self.forward(t[:1]).expand(len(t), -1)  # (B, D) view
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256)
         return self.mlp(t_freq)  # (B, D)
 

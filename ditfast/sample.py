@@ -10,7 +10,7 @@ default on CUDA) captures it once as a CUDA graph and replays it per step: the s
 per-step scalars and the per-step noise live in device tensors that the graph itself indexes and
 advances, so a step costs one replay call. ``--mode eager`` runs the same function in a Python
 loop, ``--mode compile`` runs it compiled by ``torch.compile``. Weights are cast once to the
-compute dtype; the timestep embedding is computed once per step (not once per sample).
+compute dtype; the timestep embeddings of all steps are computed once, before the loop.
 
 Reproducibility: sample i gets its own noise stream, a generator seeded by (seed, i) that draws its
 initial noise and then, for stochastic samplers, all its per-step noise; random labels come from a
@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import importlib.util
 import json
 import math
@@ -102,11 +103,35 @@ def _matmul_precision(precision: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+class _StepEmbedding(torch.nn.Module):
+    """Stands in for a DiT's ``t_embedder`` inside the engine: the current step's row of a table of
+    timestep embeddings computed once, before sampling, for every step of the plan, broadcast to
+    the batch. (Besides saving the per-sample work, the real embedder builds its frequency table on
+    the CPU and copies it over, which a CUDA graph cannot hold.)"""
+
+    def __init__(self, table: torch.Tensor, k: torch.Tensor):
+        super().__init__()
+        self.table, self.k = table, k  # (S, D) embeddings; (1,) int64 step counter
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, self.k).expand(len(t), -1)  # (B, D)
+
+
+def _with_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``model`` (sharing every parameter and other submodule) with submodule
+    ``name`` replaced; ``model`` itself is unchanged."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._modules[name] = module
+    return view
+
+
 class SamplingEngine:
     """Runs a :class:`~ditfast.samplers.Plan` on batches of up to ``batch_size`` samples.
 
-    ``model``: a DiT on its device (put in eval mode; cast copy made when its weights are not in
-    the compute dtype of ``precision``). ``cfg_scale`` > 1 runs the model on the [cond; null]
+    ``model``: a DiT on its device, left unchanged: the engine runs a view of it whose timestep
+    embedder looks up a table computed once (see :class:`_StepEmbedding`), on a copy cast to the
+    compute dtype of ``precision`` when the weights are not in it. ``cfg_scale`` > 1 runs the model on the [cond; null]
     doubled batch and guides with ``forward_with_cfg`` (the official 3-channel rule, or all eps
     channels with ``guide_all_channels``); 1 runs the plain conditional model on the batch.
     ``mode``: "eager", "graph" (CUDA only: captured on the first :meth:`run`) or "compile".
@@ -134,7 +159,6 @@ class SamplingEngine:
         self.dtype = PRECISIONS[precision]
         if any(p.dtype != self.dtype for p in model.parameters()):
             model = copy.deepcopy(model).to(self.dtype)  # weights cast once; the caller's model is untouched
-        self.model = model.eval()
         self.plan, self.precision, self.mode, self.device = plan, precision, mode, device
         self.cfg_scale, self.guide_all_channels = float(cfg_scale), guide_all_channels
         self.guided = cfg_scale > 1
@@ -148,6 +172,10 @@ class SamplingEngine:
         self.y = torch.zeros(self.rows, dtype=torch.int64, device=device)
         self.k = torch.zeros(1, dtype=torch.int64, device=device)
         self.timesteps, self.coefs = plan.timesteps.to(device), plan.coefs.to(device)
+        with torch.no_grad(), _matmul_precision(precision), self._autocast():
+            table = model.t_embedder(self.timesteps)  # (S, D): the timestep embedding of every step, once
+        self.model = _with_module(model, "t_embedder", _StepEmbedding(table, self.k))
+        self.model.training = False  # DiT reads its own flag for label dropout; the caller's model keeps its mode
         self._graph = None
         self._fn = self._denoise
         if mode == "compile":
@@ -155,10 +183,9 @@ class SamplingEngine:
 
     def _denoise(self, x, x0_prev, k, y, noise):
         """One step, pure: (x, x0_prev) at step k -> (x at step k+1, x0 prediction at step k)."""
-        t = self.timesteps.index_select(0, k)  # (1,) the original timestep; embedded once (see TimestepEmbedder)
+        t = self.timesteps.index_select(0, k)  # (1,) the original timestep (its embedding: _StepEmbedding)
         c = self.coefs.index_select(0, k)[0]  # (K,)
-        lowp = self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False):
+        with self._autocast():
             if self.guided:
                 out = self.model.forward_with_cfg(torch.cat([x, x]), t.expand(self.rows), y, self.cfg_scale, self.guide_all_channels)
                 out = out[: self.batch_size]  # the guided rows, duplicated in the second half
@@ -166,6 +193,11 @@ class SamplingEngine:
                 out = self.model(x, t.expand(self.rows), y)  # (B, C_out, H, W)
         step_noise = noise.index_select(0, k)[0] if noise is not None else None
         return update(self.plan, x, out, c, step_noise, x0_prev)
+
+    def _autocast(self):
+        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32."""
+        lowp = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False)
 
     def _step(self) -> None:
         """Advance the static buffers by one step (what the CUDA graph holds)."""
@@ -186,9 +218,25 @@ class SamplingEngine:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the noise prefetch thread may pin memory
             self._step()
         self._graph = graph
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Capture the CUDA graph now (graph mode; otherwise the first :meth:`run` does it)."""
+        if self.mode == "graph" and self._graph is None:
+            with _matmul_precision(self.precision):
+                self._capture()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Advance the buffers by one step: a graph replay in graph mode. :meth:`run` loads a batch
+        and calls this ``plan.steps`` times; benchmarks call it directly (set ``k`` in range first)."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._step()
 
     @torch.no_grad()
     def run(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,9 +252,8 @@ class SamplingEngine:
         if self.plan.stochastic and (noise is None or tuple(noise.shape) != (self.plan.steps, n, *self.x.shape[1:])):
             raise ValueError(f"the {self.plan.sampler} plan needs per-step noise ({self.plan.steps}, {n}, ...), "
                              f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
+        self.prepare()
         with _matmul_precision(self.precision):
-            if self.mode == "graph" and self._graph is None:
-                self._capture()
             self.x.zero_()
             self.x[:n].copy_(z, non_blocking=True)
             self.y.zero_()
@@ -220,10 +267,7 @@ class SamplingEngine:
                 self.x0_prev.zero_()
             self.k.zero_()
             for _ in range(self.plan.steps):
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._step()
+                self.step()
             return self.x[:n].clone()
 
 
@@ -397,6 +441,7 @@ class _Job:
         """Yield (indices, labels, latents (n, C, H, W) float32 CPU, images uint8 NHWC CPU or None)."""
         B = self.cfg.batch_size
         chunks = [indices[s : s + B] for s in range(0, len(indices), B)]
+        self.engine.prepare()  # capture before the prefetch thread starts
         with ThreadPoolExecutor(max_workers=1) as pool:  # draws the next batch's noise while this one samples
             pending = pool.submit(self._inputs, chunks[0]) if chunks else None
             for j, idx in enumerate(chunks):
@@ -578,14 +623,15 @@ def run(cfg: SampleConfig) -> dict:
     ranks round-robin, and the first rank merges."""
     check_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    own_group = world > 1 and not dist.is_initialized()
-    if own_group:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device in (None, "cuda") else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(cfg, local)
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        # ranks wait for each other only at the start and the end; the last shard of one rank may
+        # finish long after another's, so the collective timeout is generous
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    rank = dist.get_rank() if world > 1 else 0
     try:
         return _run(_resolve(cfg, device), device, rank, world)
     finally:
@@ -595,7 +641,8 @@ def run(cfg: SampleConfig) -> dict:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        dist.barrier()
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
 def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict:

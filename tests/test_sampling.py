@@ -172,16 +172,30 @@ def test_engine_dpm_solver_on_a_dit_matches_the_reference():
     assert_close(got, expected.float(), rtol=1e-4, atol=1e-4, what="engine DPM-Solver++ on a DiT")
 
 
-def test_timestep_embedding_is_computed_once_for_a_broadcast_timestep():
+def test_timestep_embeddings_are_computed_once_before_the_loop():
     model = tiny_dit()
     rows = []
     model.t_embedder.mlp[0].register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    t = torch.tensor([421])
-    with torch.no_grad():
-        once = model.t_embedder(t.expand(6))
-        full = model.t_embedder(torch.full((6,), 421))
-    assert rows == [1, 6]
-    assert_close(once, full, what="embedding of an expanded timestep")
+    engine = SamplingEngine(model, make_plan("ddim", 4), batch_size=3, cfg_scale=2.0)
+    engine.run(torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3]))
+    assert rows == [4]  # one row per step, at construction; none per sample or per step
+    assert model.t_embedder is not engine.model.t_embedder and engine.model.blocks is model.blocks
+    with torch.no_grad():  # the table row the engine looks up is the model's own embedding
+        expected = model.t_embedder(torch.tensor([int(engine.plan.timesteps[2])]))
+        engine.k.fill_(2)
+        got = engine.model.t_embedder(torch.zeros(6))
+    assert got.shape == (6, 32)
+    assert_close(got[5:], expected, what="embedding of step 2")
+
+
+def test_the_callers_model_is_left_as_it_was():
+    model = tiny_dit().train()  # label dropout on while training: the engine must not drop labels
+    model.y_embedder.dropout_prob = 1.0  # (every label, were it dropped)
+    z, labels = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+    a = SamplingEngine(model, make_plan("ddim", 3), batch_size=2, cfg_scale=1.5).run(z, labels)
+    assert model.training and all(m.training for m in model.modules())
+    b = SamplingEngine(model.eval(), make_plan("ddim", 3), batch_size=2, cfg_scale=1.5).run(z, labels)
+    assert torch.equal(a, b)
 
 
 def test_low_precision_casts_a_copy_of_the_weights_once():
@@ -207,7 +221,11 @@ def test_noise_and_labels_depend_only_on_seed_and_index():
     assert torch.equal(z_sub, z_all[[4, 1]]) and torch.equal(n_sub, n_all[:, [4, 1]])
     assert torch.equal(index_noise(3, [4], (4, 2, 2))[0], z_all[[4]])  # initial noise does not depend on steps
     assert not torch.equal(index_noise(4, [4], (4, 2, 2))[0], z_all[[4]])
+    flat = torch.cat([z_all.flatten(1), n_all.transpose(0, 1).flatten(1)], dim=1)  # (6 samples, all their draws)
+    assert (torch.corrcoef(flat).abs() - torch.eye(6)).max() < 0.3  # six independent streams
+    assert abs(flat.mean()) < 0.1 and abs(flat.std() - 1) < 0.1
     assert torch.equal(index_labels(3, [5, 2], 10), index_labels(3, range(6), 10)[[5, 2]])
+    assert set(index_labels(3, range(200), 10).tolist()) == set(range(10))
     assert index_labels(0, range(5), 10, labels=(7, 8)).tolist() == [7, 8, 7, 8, 7]
 
 
@@ -278,6 +296,8 @@ def _rank_worker(rank: int, world: int, port: int, cfg: SampleConfig) -> None:
     torch.set_num_threads(1)
     result = run(cfg)
     assert result["complete"]
+    with open(os.path.join(cfg.out, f"made_by_rank{rank}"), "w") as f:
+        f.write(str(result["made"]))
 
 
 def _cfg(tmp_path, name, ckpt, **kw) -> SampleConfig:
@@ -301,6 +321,8 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     assert a.shape == (6, 4, 8, 8) and np.array_equal(la, lb)
     assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-6, atol=1e-6, what="2 ranks vs 1")
     assert len(os.listdir(os.path.join(multi.out, "shards"))) == 3
+    made = [int(open(os.path.join(multi.out, f"made_by_rank{r}")).read()) for r in range(2)]
+    assert made == [4, 2]  # shards dealt round-robin: each sample made once, by one rank
 
 
 def test_killed_run_restarts_without_duplicates_or_losses(tmp_path):
