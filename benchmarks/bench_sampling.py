@@ -219,7 +219,7 @@ def main() -> None:
                 dtype = "fp32" if provider == "official fp32+tf32" or not cuda else "bf16"
                 rows.append(row(f"{name} sampling step ({sampler})", shape, dtype, provider, timing, device, flops=flops_per_step))
                 print(f"B={batch:>4} {sampler:>13} {provider:>20}: {timing[0]:8.2f} ms/step, {ips:9.2f} images/s, "
-                      f"{tflops:7.1f} TFLOP/s ({100 * tflops / peak:.0f}% of the GEMM rate)")  # fmt: skip
+                      f"{tflops:8.3g} TFLOP/s ({100 * tflops / peak:.0f}% of the GEMM rate)")  # fmt: skip
     if args.end_to_end and "ditfast" in providers:
         batch = 32 if cuda else batches[0]
         for sampler in args.samplers:

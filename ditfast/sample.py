@@ -503,6 +503,8 @@ def generate(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | N
     if unknown:
         raise ValueError(f"unknown model_config keys {sorted(unknown)}; expected input_size, num_classes, in_channels")
     given = model if isinstance(model, DiT) else None
+    if given is not None and model_config:
+        raise ValueError(f"model_config ({sorted(model_config)}) applies to a model built from a name or checkpoint, not a given DiT")
     name = None if given is not None or model not in DiT_models else model
     ckpt = model if given is None and name is None else None
     if ckpt is not None and not os.path.isfile(ckpt):

@@ -3,9 +3,11 @@ per-index reproducibility, the CLI end to end, multi-process sampling and restar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import torch.multiprocessing as mp
 
 import ditfast
 from ditfast.cli import main as cli_main
+from ditfast.data import pixels_to_uint8
 from ditfast.diffusion import create_diffusion
 from ditfast.imageio import read_png
 from ditfast.models import DiT
@@ -122,6 +125,22 @@ def test_one_step_is_bitwise_the_diffusion_step(sampler, eta):
         got, _ = update(plan, x, out, plan.coefs[k], noise)
         assert torch.equal(got, expected), f"{sampler} step {k}: max diff {(got - expected).abs().max():.3e}"
         assert int(plan.timesteps[k]) == diffusion.timestep_map[j]
+
+
+def test_fixed_variance_ddpm_step_matches_the_diffusion():
+    """learn_sigma=False models: the diffusion's FIXED_LARGE variance (exp of a scalar here, of a
+    dense tensor there: equal to the last bit or nearly)."""
+    plan = make_plan("ddpm", 4, learned_sigma=False)
+    diffusion = create_diffusion("4", learn_sigma=False)
+    for k in range(4):
+        x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        torch.manual_seed(k)
+        t = torch.full((2,), 3 - k, dtype=torch.long)
+        expected = diffusion.p_sample(lambda x_, t_: eps, x, t, clip_denoised=True)["sample"]
+        torch.manual_seed(k)
+        noise = torch.randn_like(x)
+        got, _ = update(dataclasses.replace(plan, clip_denoised=True), x, eps, plan.coefs[k], noise)
+        assert_close(got, expected, rtol=1e-6, atol=1e-6, what=f"fixed-variance step {k}")
 
 
 @pytest.mark.parametrize("sampler,eta,cfg,guide_all", [("ddpm", 0.0, 1.5, False), ("ddim", 0.0, 4.0, True),
@@ -239,6 +258,23 @@ def test_samples_do_not_depend_on_the_batch_size(sampler):
     assert_close(two.latents, one.latents, rtol=1e-5, atol=1e-5, what=f"{sampler}: batch 2 vs batch 5")
     head = ditfast.generate(model, batch_size=2, **{**kw, "num_samples": 2})  # the first two of the same run
     assert_close(head.latents, one.latents[:2], rtol=1e-5, atol=1e-5, what="prefix of the run")
+
+
+class FakeVAE:
+    """The surface of a diffusers AutoencoderKL that ditfast.vae.decode uses (no diffusers here)."""
+
+    dtype = torch.float32
+
+    def decode(self, z):
+        return SimpleNamespace(sample=torch.tanh(z[:, :3]).repeat_interleave(8, 2).repeat_interleave(8, 3))
+
+
+def test_generate_decodes_with_a_vae():
+    model = tiny_dit(6)
+    out = ditfast.generate(model, num_samples=3, sampler="ddim", steps=3, cfg_scale=1.5, vae=FakeVAE(), batch_size=2)
+    assert out.images.dtype == torch.uint8 and out.images.shape == (3, 64, 64, 3)
+    expected = pixels_to_uint8(FakeVAE().decode(out.latents / 0.18215).sample)
+    assert torch.equal(out.images, expected)
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,6 +433,7 @@ def test_generate_refuses_unknown_models():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -410,10 +447,13 @@ def test_graph_mode_equals_eager_mode(sampler, precision):
     graph_engine = SamplingEngine(model, plan, mode="graph", **kw)
     first = graph_engine.run(z, labels, noise)
     again = graph_engine.run(z.flip(0), labels.flip(0), noise.flip(1) if noise is not None else None)  # replayed graph
-    assert torch.equal(first, eager), f"max diff {(first - eager).abs().max():.3e}"
-    assert torch.equal(again, eager.flip(0)) or (again - eager.flip(0)).abs().max() < 1e-5
+    # the same kernels in the same order: equal up to cuBLAS picking another algorithm under capture
+    bound = 1e-6 if precision == "fp32" else 1e-2
+    assert max_rel_error(first, eager) <= bound, f"graph vs eager: {max_rel_error(first, eager):.2e}"
+    assert max_rel_error(again, eager.flip(0)) <= bound, "a second batch through the same graph"
 
 
+@pytest.mark.gpu
 @NEEDS_CUDA
 def test_compile_mode_matches_eager_mode():
     model = tiny_dit(5).cuda()
@@ -421,4 +461,4 @@ def test_compile_mode_matches_eager_mode():
     z, labels, noise = torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.randn(4, 2, 4, 8, 8)
     eager = SamplingEngine(model, plan, batch_size=2, cfg_scale=1.5).run(z, labels, noise)
     compiled = SamplingEngine(model, plan, batch_size=2, cfg_scale=1.5, mode="compile").run(z, labels, noise)
-    assert_close(compiled, eager, rtol=1e-4, atol=1e-4, what="compile vs eager")
+    assert max_rel_error(compiled, eager) < 1e-5, f"compile vs eager: {max_rel_error(compiled, eager):.2e}"
