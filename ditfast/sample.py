@@ -1,0 +1,759 @@
+"""Sampling DiT: ``ditfast sample ...``, ``torchrun --nproc_per_node=N -m ditfast.sample_ddp ...`` and
+:func:`ditfast.generate`.
+
+    ditfast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \\
+        --num-samples 50000 --cfg-scale 1.5 --sampler ddpm --steps 250 --out samples/
+
+The engine: one denoising step -- the model on the CFG-doubled batch, the CFG combine, the sampler
+update (:mod:`ditfast.samplers`) -- is one function over static buffers. ``--mode graph`` (the
+default on CUDA) captures it once as a CUDA graph and replays it per step: the step counter, the
+per-step scalars and the per-step noise live in device tensors that the graph itself indexes and
+advances, so a step costs one replay call. ``--mode eager`` runs the same function in a Python
+loop, ``--mode compile`` runs it compiled by ``torch.compile``. Weights are cast once to the
+compute dtype; the timestep embeddings of all steps are computed once, before the loop.
+
+Reproducibility: sample i gets its own noise stream, a generator seeded by (seed, i) that draws its
+initial noise and then, for stochastic samplers, all its per-step noise; random labels come from a
+second stream (seed, i, 1). So images depend on neither the batch size nor the number of ranks.
+
+Output (``--out DIR``): ``samples.npz`` (ADM format: ``arr_0`` uint8 NHWC images, ``arr_1`` labels),
+``grid.png``, ``images/000000.png`` ...; a model without VAE whose output is not 1 or 3 channels
+writes float32 latents (N, C, H, W) as ``arr_0`` instead, and no PNGs. Work is split into shards of
+``--shard-size`` consecutive indices, written atomically to ``DIR/shards/`` when finished; a
+restarted run skips finished shards; the first rank merges them in index order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_model
+from .data import pixels_to_uint8
+from .flops import gflops
+from .imageio import make_grid, save_png
+from .models import BACKENDS, DiT, DiT_models
+from .samplers import SAMPLERS, MAX_STEPS, Plan, make_plan, min_steps, update
+from .train import _generator, describe
+
+__all__ = ["SampleConfig", "SamplingEngine", "Generated", "generate", "run", "index_noise", "index_labels", "main"]
+
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("auto", "eager", "graph", "compile")
+OUTPUT = "samples.npz"
+MANIFEST = "sample_config.json"
+_SHARD = re.compile(r"^shard_(\d{8})_(\d{8})\.npz$")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-index randomness
+# ------------------------------------------------------------------------------------------
+
+
+def index_noise(seed: int, indices, shape: tuple[int, ...], steps: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Initial noise (n, *shape) and, when ``steps`` > 0, per-step noise (steps, n, *shape) for the
+    given global sample indices: sample i draws ``randn(shape)`` then ``randn((steps, *shape))``
+    from its own generator seeded by (seed, i). float32 on the CPU."""
+    z, noise = [], []
+    for i in indices:
+        g = _generator(seed, int(i))
+        z.append(torch.randn(shape, generator=g))
+        if steps:
+            noise.append(torch.randn((steps, *shape), generator=g))
+    return torch.stack(z), (torch.stack(noise, dim=1) if steps else None)
+
+
+def index_labels(seed: int, indices, num_classes: int, labels=None) -> torch.Tensor:
+    """(n,) int64 labels: ``labels[i % len(labels)]`` when labels are given, else a uniform draw
+    from sample i's label generator (seed, i, 1)."""
+    if labels:
+        return torch.tensor([labels[int(i) % len(labels)] for i in indices], dtype=torch.int64)
+    return torch.cat([torch.randint(num_classes, (1,), generator=_generator(seed, int(i), 1)) for i in indices])
+
+
+# ------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """TF32 matmuls/convolutions on for every precision but strict fp32, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _StepEmbedding(torch.nn.Module):
+    """Stands in for a DiT's ``t_embedder`` inside the engine: the current step's row of a table of
+    timestep embeddings computed once, before sampling, for every step of the plan, broadcast to
+    the batch. (Besides saving the per-sample work, the real embedder builds its frequency table on
+    the CPU and copies it over, which a CUDA graph cannot hold.)"""
+
+    def __init__(self, table: torch.Tensor, k: torch.Tensor):
+        super().__init__()
+        self.table, self.k = table, k  # (S, D) embeddings; (1,) int64 step counter
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.table.index_select(0, self.k).expand(len(t), -1)  # (B, D)
+
+
+def _with_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``model`` (sharing every parameter and other submodule) with submodule
+    ``name`` replaced; ``model`` itself is unchanged."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)
+    view._modules[name] = module
+    return view
+
+
+class SamplingEngine:
+    """Runs a :class:`~ditfast.samplers.Plan` on batches of up to ``batch_size`` samples.
+
+    ``model``: a DiT on its device, left unchanged: the engine runs a view of it whose timestep
+    embedder looks up a table computed once (see :class:`_StepEmbedding`), on a copy cast to the
+    compute dtype of ``precision`` when the weights are not in it. ``cfg_scale`` > 1 runs the model on the [cond; null]
+    doubled batch and guides with ``forward_with_cfg`` (the official 3-channel rule, or all eps
+    channels with ``guide_all_channels``); 1 runs the plain conditional model on the batch.
+    ``mode``: "eager", "graph" (CUDA only: captured on the first :meth:`run`) or "compile".
+
+    Static buffers (shapes fixed at construction): ``x`` (B, C, H, W) float32 state, ``x0_prev``
+    (DPM-Solver++), ``noise`` (S, B, C, H, W) (stochastic plans), ``y`` (B or 2B,) labels, ``k``
+    (1,) int64 step counter, and the plan's ``timesteps`` (S,) and ``coefs`` (S, K) on the device.
+    """
+
+    def __init__(self, model: DiT, plan: Plan, *, batch_size: int, cfg_scale: float = 1.0, guide_all_channels: bool = False,
+                 precision: str = "fp32", mode: str = "eager"):  # fmt: skip
+        device = next(model.parameters()).device
+        if mode not in ("eager", "graph", "compile"):
+            raise ValueError(f"mode must be eager, graph or compile, got {mode!r}")
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError(f"mode 'graph' captures a CUDA graph: it needs a CUDA device, the model is on {device}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if cfg_scale < 1:
+            raise ValueError(f"cfg scale must be >= 1, got {cfg_scale}")
+        if plan.learned_sigma != model.learn_sigma:
+            raise ValueError(f"the plan assumes learned_sigma={plan.learned_sigma} but the model has {model.learn_sigma}")
+        self.dtype = PRECISIONS[precision]
+        if any(p.dtype != self.dtype for p in model.parameters()):
+            model = copy.deepcopy(model).to(self.dtype)  # weights cast once; the caller's model is untouched
+        self.plan, self.precision, self.mode, self.device = plan, precision, mode, device
+        self.cfg_scale, self.guide_all_channels = float(cfg_scale), guide_all_channels
+        self.guided = cfg_scale > 1
+        if self.guided:
+            _check_cfg_model(model, guide_all_channels)
+        B, C, H = batch_size, model.in_channels, model.input_size
+        self.batch_size, self.rows = B, (2 * B if self.guided else B)
+        self.x = torch.zeros(B, C, H, H, device=device)
+        self.x0_prev = torch.zeros_like(self.x) if plan.multistep else None
+        self.noise = torch.zeros(plan.steps, B, C, H, H, device=device) if plan.stochastic else None
+        self.y = torch.zeros(self.rows, dtype=torch.int64, device=device)
+        self.k = torch.zeros(1, dtype=torch.int64, device=device)
+        self.timesteps, self.coefs = plan.timesteps.to(device), plan.coefs.to(device)
+        with torch.no_grad(), _matmul_precision(precision), self._autocast():
+            table = model.t_embedder(self.timesteps)  # (S, D): the timestep embedding of every step, once
+        self.model = _with_module(model, "t_embedder", _StepEmbedding(table, self.k))
+        self.model.training = False  # DiT reads its own flag for label dropout; the caller's model keeps its mode
+        self._graph = None
+        self._fn = self._denoise
+        if mode == "compile":
+            self._fn = torch.compile(self._denoise, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    def _denoise(self, x, x0_prev, k, y, noise):
+        """One step, pure: (x, x0_prev) at step k -> (x at step k+1, x0 prediction at step k)."""
+        t = self.timesteps.index_select(0, k)  # (1,) the original timestep (its embedding: _StepEmbedding)
+        c = self.coefs.index_select(0, k)[0]  # (K,)
+        with self._autocast():
+            if self.guided:
+                out = self.model.forward_with_cfg(torch.cat([x, x]), t.expand(self.rows), y, self.cfg_scale, self.guide_all_channels)
+                out = out[: self.batch_size]  # the guided rows, duplicated in the second half
+            else:
+                out = self.model(x, t.expand(self.rows), y)  # (B, C_out, H, W)
+        step_noise = noise.index_select(0, k)[0] if noise is not None else None
+        return update(self.plan, x, out, c, step_noise, x0_prev)
+
+    def _autocast(self):
+        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32."""
+        lowp = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False)
+
+    def _step(self) -> None:
+        """Advance the static buffers by one step (what the CUDA graph holds)."""
+        x, x0 = self._fn(self.x, self.x0_prev, self.k, self.y, self.noise)
+        self.x.copy_(x)
+        if self.x0_prev is not None:
+            self.x0_prev.copy_(x0)
+        self.k.add_(1)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (cuBLAS/cuDNN handles, Triton JIT, model caches), then capture
+        one step. The buffers hold valid placeholders (zeros, label 0) while this runs."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.k.zero_()
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the noise prefetch thread may pin memory
+            self._step()
+        self._graph = graph
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Capture the CUDA graph now (graph mode; otherwise the first :meth:`run` does it)."""
+        if self.mode == "graph" and self._graph is None:
+            with _matmul_precision(self.precision):
+                self._capture()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Advance the buffers by one step: a graph replay in graph mode. :meth:`run` loads a batch
+        and calls this ``plan.steps`` times; benchmarks call it directly (set ``k`` in range first)."""
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._step()
+
+    @torch.no_grad()
+    def run(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample n <= batch_size images: ``z`` (n, C, H, W) initial noise, ``labels`` (n,),
+        ``noise`` (S, n, C, H, W) per-step noise (stochastic plans). Returns the final (n, C, H, W)
+        float32 on the model's device. Rows past n are padding (zeros, label 0): every batch has
+        the same shape, so the kernels and their numerics do not depend on n."""
+        n, B = len(z), self.batch_size
+        if not 1 <= n <= B or len(labels) != n:
+            raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
+        if tuple(z.shape[1:]) != tuple(self.x.shape[1:]):
+            raise ValueError(f"initial noise must be (n, {', '.join(map(str, self.x.shape[1:]))}), got {tuple(z.shape)}")
+        if self.plan.stochastic and (noise is None or tuple(noise.shape) != (self.plan.steps, n, *self.x.shape[1:])):
+            raise ValueError(f"the {self.plan.sampler} plan needs per-step noise ({self.plan.steps}, {n}, ...), "
+                             f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
+        self.prepare()
+        with _matmul_precision(self.precision):
+            self.x.zero_()
+            self.x[:n].copy_(z, non_blocking=True)
+            self.y.zero_()
+            self.y[:n].copy_(labels, non_blocking=True)
+            if self.guided:
+                self.y[B:].fill_(self.model.num_classes)  # the null class
+            if self.noise is not None:
+                self.noise.zero_()
+                self.noise[:, :n].copy_(noise, non_blocking=True)
+            if self.x0_prev is not None:
+                self.x0_prev.zero_()
+            self.k.zero_()
+            for _ in range(self.plan.steps):
+                self.step()
+            return self.x[:n].clone()
+
+
+def _check_cfg_model(model: DiT, guide_all_channels: bool) -> None:
+    if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
+        raise ValueError("classifier-free guidance (cfg scale > 1) needs a model with a null class "
+                         "(trained with class_dropout_prob > 0)")  # fmt: skip
+    if not guide_all_channels and model.in_channels < 3:
+        raise ValueError(f"the official CFG rule guides 3 eps channels but the model has {model.in_channels}; "
+                         "use guide_all_channels (--guide-all-channels)")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration, checks, building
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleConfig:
+    model: str | None = None  # registry name; default DiT-XL/2, or inferred from --ckpt
+    ckpt: str | None = None  # checkpoint path (official, training or .safetensors); none: random weights
+    input_size: int | None = None  # latent side of a random-weight model (default 32) or override
+    num_classes: int | None = None  # default 1000 for random weights
+    in_channels: int | None = None  # default 4 for random weights
+    vae: str | None = None  # local diffusers AutoencoderKL folder; none: latents (or pixels) out
+    labels: tuple[int, ...] | None = None  # sample i gets labels[i % len]; none: random labels
+    num_samples: int | None = None  # default: len(labels), else 16
+    sampler: str = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    cfg_scale: float = 4.0
+    guide_all_channels: bool = False
+    clip_denoised: bool = False
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16
+    batch_size: int = 32
+    mode: str = "auto"  # auto (graph on CUDA, eager on CPU) | eager | graph | compile
+    backend: str = "auto"  # adaLN ops of the model
+    out: str = "samples"
+    shard_size: int = 256
+    max_shards: int | None = None  # stop after this many shards per rank (a time-limited job; rerun to go on)
+    png: bool = True  # per-image PNGs and the grid
+    progress: bool = True
+    device: str | None = None
+
+    # fields that decide the samples: a restarted run must agree on them
+    MANIFEST_KEYS = ("model", "ckpt", "input_size", "num_classes", "in_channels", "vae", "labels", "num_samples", "sampler",
+                     "steps", "eta", "cfg_scale", "guide_all_channels", "clip_denoised", "seed", "precision",
+                     "shard_size", "png")  # fmt: skip
+
+
+def _resolve(cfg: SampleConfig, device: torch.device) -> SampleConfig:
+    """Fill the defaults that depend on other fields or on the device."""
+    n = cfg.num_samples if cfg.num_samples is not None else (len(cfg.labels) if cfg.labels else 16)
+    return dataclasses.replace(
+        cfg,
+        num_samples=n,
+        labels=tuple(int(v) for v in cfg.labels) if cfg.labels else None,
+        precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
+        mode=cfg.mode if cfg.mode != "auto" else ("graph" if device.type == "cuda" else "eager"),
+    )
+
+
+def check_config(cfg: SampleConfig) -> None:
+    """Raise ValueError for anything wrong that can be seen before loading or sampling anything."""
+    if cfg.ckpt is not None and not os.path.isfile(cfg.ckpt):
+        raise ValueError(f"checkpoint not found: {cfg.ckpt}")
+    if cfg.model is not None and cfg.model not in DiT_models:
+        raise ValueError(f"unknown model {cfg.model!r}; expected one of {sorted(DiT_models)}")
+    if cfg.vae is not None:
+        if not os.path.isdir(cfg.vae) or not os.path.isfile(os.path.join(cfg.vae, "config.json")):
+            raise ValueError(f"VAE folder not found or has no config.json: {cfg.vae} (expected a diffusers AutoencoderKL folder)")
+        if importlib.util.find_spec("diffusers") is None:
+            raise ValueError("decoding with a VAE needs diffusers: pip install diffusers")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
+    if not min_steps(cfg.sampler) <= cfg.steps <= MAX_STEPS:
+        raise ValueError(f"steps must lie in [{min_steps(cfg.sampler)}, {MAX_STEPS}] for {cfg.sampler}, got {cfg.steps}")
+    if not cfg.cfg_scale >= 1:
+        raise ValueError(f"cfg scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
+    if cfg.eta < 0 or (cfg.eta and cfg.sampler != "ddim"):
+        raise ValueError(f"eta must be >= 0 and is only used by ddim, got eta={cfg.eta} with sampler {cfg.sampler}")
+    for name in ("batch_size", "num_samples", "shard_size", "max_shards", "input_size", "num_classes", "in_channels"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name.replace('_', ' ')} must be positive, got {value}")
+    if cfg.labels is not None and len(cfg.labels) == 0:
+        raise ValueError("labels must name at least one class (or leave them out for random labels)")
+    if cfg.labels and min(cfg.labels) < 0:
+        raise ValueError(f"labels must be >= 0, got {min(cfg.labels)}")
+    if cfg.precision not in ("auto", *PRECISIONS):
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
+    if cfg.device is not None and torch.device(cfg.device).type != "cuda" and cfg.mode == "graph":
+        raise ValueError("mode 'graph' captures a CUDA graph: it needs a CUDA device")
+    if cfg.mode == "graph" and cfg.device is None and not torch.cuda.is_available():
+        raise ValueError("mode 'graph' captures a CUDA graph: it needs a CUDA device, and none is available")
+
+
+def build_model(cfg: SampleConfig, device: torch.device) -> DiT:
+    """The DiT of ``cfg`` on ``device`` in the compute dtype, eval mode: loaded from ``cfg.ckpt`` or,
+    without one, the registry model with random weights seeded by ``cfg.seed`` (the same on every rank)."""
+    dtype = PRECISIONS[cfg.precision]
+    sizes = {k: getattr(cfg, k) for k in ("input_size", "num_classes", "in_channels") if getattr(cfg, k) is not None}
+    if cfg.ckpt:
+        model = load_model(cfg.ckpt, model=cfg.model, **sizes)
+    else:
+        torch.manual_seed(cfg.seed)
+        with torch.device(device):
+            model = DiT_models[cfg.model or "DiT-XL/2"](**{"input_size": 32, "num_classes": 1000, "in_channels": 4, **sizes})
+    model.backend = cfg.backend
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _check_labels(cfg: SampleConfig, model: DiT) -> None:
+    if cfg.labels and max(cfg.labels) >= model.num_classes:
+        raise ValueError(f"labels must lie in [0, {model.num_classes - 1}] for this model, got {max(cfg.labels)}")
+
+
+def _load_vae(vae, device: torch.device, precision: str):
+    """A VAE folder (bf16 when sampling in bf16, else fp32) or an already loaded AutoencoderKL."""
+    if vae is None or not isinstance(vae, (str, os.PathLike)):
+        return vae
+    from .vae import load_vae
+
+    return load_vae(os.fspath(vae), device, torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
+def _pixels_out(model: DiT, vae) -> bool:
+    """Whether the samples are images: decoded by a VAE, or a pixel-space model (1 or 3 channels)."""
+    return vae is not None or model.in_channels in (1, 3)
+
+
+def plan_line(model: DiT, plan: Plan, cfg: SampleConfig, todo: int, world: int, weights: str, vae) -> str:
+    """The one-line summary printed before sampling, with the model cost per image."""
+    per_forward = gflops(model)
+    rows = 2 if cfg.cfg_scale > 1 else 1
+    cfg_text = f"cfg {cfg.cfg_scale:g} on {'all eps' if cfg.guide_all_channels else '3'} channels" if rows == 2 else "no cfg"
+    sampler = f"{plan.sampler}{f' eta {cfg.eta:g}' if cfg.eta else ''}, {plan.steps} steps"
+    batch = "on the CFG-doubled batch" if rows == 2 else "on the batch"
+    return (f"plan: {cfg.num_samples} samples ({todo} to make, {world} rank(s)) | {describe(model)}, {weights}, "
+            f"{'VAE ' + str(cfg.vae) if vae is not None else 'no VAE'} | {sampler}, {cfg_text} | {plan.steps} model forwards "
+            f"per image {batch}: {per_forward:.2f} x {plan.steps} x {rows} = {per_forward * plan.steps * rows:.1f} Gflops/image "
+            f"| {cfg.precision}, {cfg.mode} mode, batch {cfg.batch_size} | out {cfg.out}")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# Sampling indices
+# ------------------------------------------------------------------------------------------
+
+
+class _Job:
+    """Everything a run needs to turn global sample indices into outputs."""
+
+    def __init__(self, cfg: SampleConfig, model: DiT, vae, engine: SamplingEngine):
+        self.cfg, self.model, self.vae, self.engine = cfg, model, vae, engine
+        self.pixels = _pixels_out(model, vae)
+
+    def _inputs(self, idx: list[int]):
+        plan = self.engine.plan
+        labels = index_labels(self.cfg.seed, idx, self.model.num_classes, self.cfg.labels)
+        z, noise = index_noise(self.cfg.seed, idx, tuple(self.engine.x.shape[1:]), plan.steps if plan.stochastic else 0)
+        if self.engine.device.type == "cuda":
+            z, noise = z.pin_memory(), (noise.pin_memory() if noise is not None else None)
+        return labels, z, noise
+
+    def batches(self, indices: list[int], bar=None):
+        """Yield (indices, labels, latents (n, C, H, W) float32 CPU, images uint8 NHWC CPU or None)."""
+        B = self.cfg.batch_size
+        chunks = [indices[s : s + B] for s in range(0, len(indices), B)]
+        self.engine.prepare()  # capture before the prefetch thread starts
+        with ThreadPoolExecutor(max_workers=1) as pool:  # draws the next batch's noise while this one samples
+            pending = pool.submit(self._inputs, chunks[0]) if chunks else None
+            for j, idx in enumerate(chunks):
+                labels, z, noise = pending.result()
+                if j + 1 < len(chunks):
+                    pending = pool.submit(self._inputs, chunks[j + 1])
+                yield (idx, labels, *self._finish(self.engine.run(z, labels, noise)))
+                if bar is not None:
+                    bar.update(len(idx))
+
+    def _finish(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final x on the device -> (latents float32 CPU, images uint8 NHWC CPU or None)."""
+        images = None
+        if self.vae is not None:
+            from .vae import decode
+
+            images = pixels_to_uint8(decode(self.vae, latents)).cpu()
+        elif self.pixels:
+            images = pixels_to_uint8(latents).cpu()
+        return latents.cpu(), images
+
+
+def _device(cfg: SampleConfig, local_rank: int = 0) -> torch.device:
+    if cfg.device is not None:
+        return torch.device(cfg.device)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _progress(cfg: SampleConfig, total: int, enabled: bool):
+    if not (cfg.progress and enabled and total):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"sample ({cfg.sampler}, {cfg.steps} steps)", unit="img", dynamic_ncols=True)
+
+
+@dataclass
+class Generated:
+    """What :func:`generate` returns."""
+
+    latents: torch.Tensor  # (N, C, H, W) float32: the sampler's final x (model space)
+    labels: torch.Tensor  # (N,) int64
+    images: torch.Tensor | None  # (N, H', W', 3 or 1) uint8 (ADM convention) when the output is pixels
+
+
+def generate(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | None = None, sampler: str = "ddpm",
+             steps: int = 250, eta: float = 0.0, cfg_scale: float = 4.0, guide_all_channels: bool = False,
+             clip_denoised: bool = False, seed: int = 0, precision: str = "auto", batch_size: int = 32,
+             mode: str = "auto", vae=None, device=None, progress: bool = False, **model_config) -> Generated:  # fmt: skip
+    """Sample ``num_samples`` images (indices 0..N-1) in memory; the engine of ``ditfast sample``.
+
+    ``model``: a :class:`DiT` (used on its device), a registry name (random weights, for speed work;
+    ``model_config`` such as ``input_size``/``num_classes``/``in_channels`` sizes it) or a
+    checkpoint path (``model_config`` overrides go to :func:`ditfast.load_model`). ``vae``: a local
+    AutoencoderKL folder, a loaded AutoencoderKL, or None. Sample i depends only on (seed, i) and
+    the settings, not on ``batch_size``. Other arguments as for ``ditfast sample --help``.
+    """
+    unknown = set(model_config) - {"input_size", "num_classes", "in_channels"}
+    if unknown:
+        raise ValueError(f"unknown model_config keys {sorted(unknown)}; expected input_size, num_classes, in_channels")
+    given = model if isinstance(model, DiT) else None
+    if given is not None and model_config:
+        raise ValueError(f"model_config ({sorted(model_config)}) applies to a model built from a name or checkpoint, not a given DiT")
+    name = None if given is not None or model not in DiT_models else model
+    ckpt = model if given is None and name is None else None
+    if ckpt is not None and not os.path.isfile(ckpt):
+        raise ValueError(f"model must be a DiT, a registry name ({', '.join(DiT_models)}) or a checkpoint file; "
+                         f"{model!r} is neither")  # fmt: skip
+    if device is None and given is not None:
+        device = next(given.parameters()).device
+    cfg = SampleConfig(model=name, ckpt=ckpt, vae=vae if isinstance(vae, (str, os.PathLike)) or vae is None else None,
+                       labels=tuple(labels) if labels is not None else None, num_samples=num_samples, sampler=sampler,
+                       steps=steps, eta=eta, cfg_scale=cfg_scale, guide_all_channels=guide_all_channels,
+                       clip_denoised=clip_denoised, seed=seed, precision=precision, batch_size=batch_size, mode=mode,
+                       progress=progress, device=str(device) if device is not None else None, **model_config)  # fmt: skip
+    check_config(cfg)
+    dev = _device(cfg)
+    cfg = _resolve(cfg, dev)
+    net = given if given is not None else build_model(cfg, dev)
+    _check_labels(cfg, net)
+    plan = make_plan(cfg.sampler, cfg.steps, learned_sigma=net.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
+    engine = SamplingEngine(net, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
+                            guide_all_channels=cfg.guide_all_channels, precision=cfg.precision, mode=cfg.mode)  # fmt: skip
+    job = _Job(cfg, net, _load_vae(vae, dev, cfg.precision), engine)
+    bar = _progress(cfg, cfg.num_samples, True)
+    parts = list(job.batches(list(range(cfg.num_samples)), bar))
+    if bar is not None:
+        bar.close()
+    images = torch.cat([p[3] for p in parts]) if job.pixels else None
+    return Generated(torch.cat([p[2] for p in parts]), torch.cat([p[1] for p in parts]), images)
+
+
+# ------------------------------------------------------------------------------------------
+# Runs with shards (the CLI, single- and multi-process)
+# ------------------------------------------------------------------------------------------
+
+
+def _save_npz(path: str, **arrays) -> None:
+    """np.savez to a temporary file in the same folder, then rename (atomic)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def shard_name(start: int, end: int) -> str:
+    return f"shard_{start:08d}_{end:08d}.npz"
+
+
+def _manifest(cfg: SampleConfig) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items() if k in SampleConfig.MANIFEST_KEYS}
+
+
+def _check_manifest(cfg: SampleConfig) -> None:
+    """Refuse an output folder whose manifest records other sample-deciding settings."""
+    path, mine = os.path.join(cfg.out, MANIFEST), _manifest(cfg)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        theirs = json.load(f)
+    conflicts = [f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
+    if conflicts:
+        raise ValueError(f"{cfg.out} holds samples made with other settings ({'; '.join(conflicts)}); "
+                         "use another --out or the same settings")  # fmt: skip
+
+
+def _prepare_out(cfg: SampleConfig) -> None:
+    """(first rank, before any rank writes) Create the folders, write the manifest, and remove the
+    temporary files a killed run left behind."""
+    shards = os.path.join(cfg.out, "shards")
+    os.makedirs(shards, exist_ok=True)
+    path = os.path.join(cfg.out, MANIFEST)
+    if not os.path.isfile(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(_manifest(cfg), f, indent=1)
+        os.replace(tmp, path)
+    for folder in (shards, os.path.join(cfg.out, "images"), cfg.out):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if ".tmp" in name:
+                    os.remove(os.path.join(folder, name))
+
+
+def _write_shard(cfg: SampleConfig, start: int, end: int, outputs: list, pixels: bool) -> None:
+    labels = torch.cat([o[1] for o in outputs]).numpy()
+    data = torch.cat([o[3] if pixels else o[2] for o in outputs]).numpy()
+    if pixels and cfg.png:
+        for offset, image in enumerate(data):
+            save_png(os.path.join(cfg.out, "images", f"{start + offset:06d}.png"), torch.from_numpy(image))
+    _save_npz(os.path.join(cfg.out, "shards", shard_name(start, end)), arr_0=data, arr_1=labels)
+
+
+def merge_shards(cfg: SampleConfig, pixels: bool) -> str:
+    """Concatenate every shard in index order into ``samples.npz``; checks that the shards cover
+    0..N-1 exactly once. Writes ``grid.png`` of the first 64 images when the output is pixels."""
+    arrays, labels = [], []
+    for start, end in shard_ranges(cfg.num_samples, cfg.shard_size):
+        with np.load(os.path.join(cfg.out, "shards", shard_name(start, end))) as shard:
+            if len(shard["arr_0"]) != end - start or len(shard["arr_1"]) != end - start:
+                raise ValueError(f"shard {shard_name(start, end)} holds {len(shard['arr_0'])} samples, expected {end - start}")
+            arrays.append(shard["arr_0"])
+            labels.append(shard["arr_1"])
+    path = os.path.join(cfg.out, OUTPUT)
+    data = np.concatenate(arrays)
+    _save_npz(path, arr_0=data, arr_1=np.concatenate(labels))
+    if pixels and cfg.png:
+        first = torch.from_numpy(data[:64])
+        nrow = math.ceil(math.sqrt(len(first)))
+        save_png(os.path.join(cfg.out, "grid.png"), make_grid(first, nrow=nrow, pad=2, scale=max(1, 64 // first.shape[1])))
+    return path
+
+
+def run(cfg: SampleConfig) -> dict:
+    """Make (or finish) the samples of ``cfg`` in ``cfg.out``; returns {"complete", "made", "path",
+    "images_per_s"}. Under torchrun (WORLD_SIZE > 1) every rank runs this; shards are dealt to the
+    ranks round-robin, and the first rank merges."""
+    check_config(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        # ranks wait for each other only at the start and the end; the last shard of one rank may
+        # finish long after another's, so the collective timeout is generous
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        return _run(_resolve(cfg, device), device, rank, world)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+
+
+def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict:
+    model = build_model(cfg, device)
+    _check_labels(cfg, model)
+    if cfg.cfg_scale > 1:
+        _check_cfg_model(model, cfg.guide_all_channels)
+    plan = make_plan(cfg.sampler, cfg.steps, learned_sigma=model.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
+    final = os.path.join(cfg.out, OUTPUT)
+    _check_manifest(cfg)  # on every rank, so that all of them stop with the error
+    if rank == 0:
+        _prepare_out(cfg)
+    _barrier(world)  # every rank now sees the same finished shards: nobody writes before this
+    shards = shard_ranges(cfg.num_samples, cfg.shard_size)
+    if os.path.isfile(final):
+        if rank == 0:
+            print(f"{final} is complete ({cfg.num_samples} samples): nothing to do")
+        return {"complete": True, "made": 0, "path": final, "images_per_s": float("nan")}
+    todo = [s for s in shards if not os.path.isfile(os.path.join(cfg.out, "shards", shard_name(*s)))]
+    mine = todo[rank::world][: cfg.max_shards]
+    vae = _load_vae(cfg.vae, device, cfg.precision)
+    if rank == 0:
+        weights = f"weights {cfg.ckpt}" if cfg.ckpt else f"random weights (seed {cfg.seed})"
+        print(plan_line(model, plan, cfg, sum(e - s for s, e in todo), world, weights, vae), flush=True)
+        if len(todo) < len(shards):
+            print(f"skipping {len(shards) - len(todo)} finished shard(s) of {len(shards)}")
+    made, t0 = 0, time.perf_counter()
+    if mine:
+        engine = SamplingEngine(model, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
+                                guide_all_channels=cfg.guide_all_channels, precision=cfg.precision, mode=cfg.mode)  # fmt: skip
+        job = _Job(cfg, model, vae, engine)
+        bar = _progress(cfg, sum(e - s for s, e in mine), rank == 0)
+        for start, end in mine:
+            outputs = list(job.batches(list(range(start, end)), bar))
+            _write_shard(cfg, start, end, outputs, job.pixels)
+            made += end - start
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = made / elapsed if made else float("nan")
+    if made:
+        tflops = rate * gflops(model) * plan.steps * (2 if cfg.cfg_scale > 1 else 1) * 2 / 1e3
+        print(f"rank {rank}: made {made} samples in {elapsed:.1f} s: {rate:.2f} images/s, {tflops:.2f} TFLOP/s (model)")
+    _barrier(world)
+    complete = all(os.path.isfile(os.path.join(cfg.out, "shards", shard_name(*s))) for s in shards)
+    path = None
+    if complete and rank == 0:
+        path = merge_shards(cfg, _pixels_out(model, vae))
+        print(f"wrote {path}: {cfg.num_samples} samples")
+    elif rank == 0:
+        left = sum(not os.path.isfile(os.path.join(cfg.out, "shards", shard_name(*s))) for s in shards)
+        print(f"stopped with {left} of {len(shards)} shard(s) left: run the same command again to finish")
+    _barrier(world)
+    return {"complete": complete, "made": made, "path": path or (final if complete else None), "images_per_s": rate}
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"labels must be integers separated by commas, got {text!r}") from None
+
+
+def build_parser(prog: str = "ditfast sample") -> argparse.ArgumentParser:
+    d = SampleConfig()
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="registry name (default DiT-XL/2, or inferred from --ckpt)")
+    p.add_argument("--ckpt", default=None, help="checkpoint (official .pt, training checkpoint, .safetensors); none: random weights")
+    p.add_argument("--input-size", type=int, default=None, help="latent side (random weights: default 32)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (random weights: default 1000)")
+    p.add_argument("--in-channels", type=int, default=None, help="latent channels (random weights: default 4)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (sd-vae-ft-ema/-mse); none: latents out")
+    p.add_argument("--labels", type=_labels, default=None, help="class labels, e.g. 207,360,387; sample i gets labels[i %% len]; default random")
+    p.add_argument("--num-samples", type=int, default=None, help="default: the number of labels, else 16")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
+    p.add_argument("--steps", type=int, default=d.steps, help="model evaluations (1..1000; ddpm/ddim >= 2)")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise scale")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (>= 1; 1 = off)")
+    p.add_argument("--guide-all-channels", action="store_true", help="guide all eps channels (diffusers) instead of the official first 3")
+    p.add_argument("--clip-denoised", action="store_true", help="clamp the x0 prediction to [-1, 1] (pixel-space models)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, before CFG doubling")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="auto: graph on CUDA, eager on CPU")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="adaLN ops of the model")
+    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard file (restart granularity)")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per rank; rerun to continue")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=d.png, help="per-image PNGs and grid.png")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "ditfast sample") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+    try:
+        result = run(cfg)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result["complete"] or cfg.max_shards else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
