@@ -20,7 +20,7 @@ from ditfast.data import pixels_to_uint8
 from ditfast.diffusion import create_diffusion
 from ditfast.imageio import read_png
 from ditfast.models import DiT
-from ditfast.sample import SampleConfig, SamplingEngine, index_labels, index_noise, main as sample_main, run
+from ditfast.sampling import SampleConfig, SamplingEngine, index_labels, index_noise, main as sample_main, run
 from ditfast.samplers import dpm_solver_timesteps, make_plan, update
 from conftest import assert_close, max_rel_error, randomize_
 
@@ -252,11 +252,11 @@ def test_noise_and_labels_depend_only_on_seed_and_index():
 def test_samples_do_not_depend_on_the_batch_size(sampler):
     model = tiny_dit(2)
     kw = dict(num_samples=5, sampler=sampler, steps=4, cfg_scale=1.5, seed=11)
-    one = ditfast.generate(model, batch_size=5, **kw)
-    two = ditfast.generate(model, batch_size=2, **kw)
+    one = ditfast.sample(model, batch_size=5, **kw)
+    two = ditfast.sample(model, batch_size=2, **kw)
     assert torch.equal(one.labels, two.labels) and one.images is None
     assert_close(two.latents, one.latents, rtol=1e-5, atol=1e-5, what=f"{sampler}: batch 2 vs batch 5")
-    head = ditfast.generate(model, batch_size=2, **{**kw, "num_samples": 2})  # the first two of the same run
+    head = ditfast.sample(model, batch_size=2, **{**kw, "num_samples": 2})  # the first two of the same run
     assert_close(head.latents, one.latents[:2], rtol=1e-5, atol=1e-5, what="prefix of the run")
 
 
@@ -269,9 +269,9 @@ class FakeVAE:
         return SimpleNamespace(sample=torch.tanh(z[:, :3]).repeat_interleave(8, 2).repeat_interleave(8, 3))
 
 
-def test_generate_decodes_with_a_vae():
+def test_sample_decodes_with_a_vae():
     model = tiny_dit(6)
-    out = ditfast.generate(model, num_samples=3, sampler="ddim", steps=3, cfg_scale=1.5, vae=FakeVAE(), batch_size=2)
+    out = ditfast.sample(model, num_samples=3, sampler="ddim", steps=3, cfg_scale=1.5, vae=FakeVAE(), batch_size=2)
     assert out.images.dtype == torch.uint8 and out.images.shape == (3, 64, 64, 3)
     expected = pixels_to_uint8(FakeVAE().decode(out.latents / 0.18215).sample)
     assert torch.equal(out.images, expected)
@@ -423,9 +423,9 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "cfg scale must be >= 1" in capsys.readouterr().err
 
 
-def test_generate_refuses_unknown_models():
+def test_sample_refuses_unknown_models():
     with pytest.raises(ValueError, match="neither"):
-        ditfast.generate("DiT-Q/2", num_samples=1)
+        ditfast.sample("DiT-Q/2", num_samples=1)
 
 
 # ------------------------------------------------------------------------------------------

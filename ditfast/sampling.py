@@ -1,5 +1,5 @@
 """Sampling DiT: ``ditfast sample ...``, ``torchrun --nproc_per_node=N -m ditfast.sample_ddp ...`` and
-:func:`ditfast.generate`.
+:func:`ditfast.sample`.
 
     ditfast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \\
         --num-samples 50000 --cfg-scale 1.5 --sampler ddpm --steps 250 --out samples/
@@ -52,7 +52,7 @@ from .models import BACKENDS, DiT, DiT_models
 from .samplers import SAMPLERS, MAX_STEPS, Plan, make_plan, min_steps, update
 from .train import _generator, describe
 
-__all__ = ["SampleConfig", "SamplingEngine", "Generated", "generate", "run", "index_noise", "index_labels", "main"]
+__all__ = ["SampleConfig", "SamplingEngine", "Generated", "sample", "run", "index_noise", "index_labels", "main"]
 
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("auto", "eager", "graph", "compile")
@@ -480,14 +480,14 @@ def _progress(cfg: SampleConfig, total: int, enabled: bool):
 
 @dataclass
 class Generated:
-    """What :func:`generate` returns."""
+    """What :func:`sample` returns."""
 
     latents: torch.Tensor  # (N, C, H, W) float32: the sampler's final x (model space)
     labels: torch.Tensor  # (N,) int64
     images: torch.Tensor | None  # (N, H', W', 3 or 1) uint8 (ADM convention) when the output is pixels
 
 
-def generate(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | None = None, sampler: str = "ddpm",
+def sample(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | None = None, sampler: str = "ddpm",
              steps: int = 250, eta: float = 0.0, cfg_scale: float = 4.0, guide_all_channels: bool = False,
              clip_denoised: bool = False, seed: int = 0, precision: str = "auto", batch_size: int = 32,
              mode: str = "auto", vae=None, device=None, progress: bool = False, **model_config) -> Generated:  # fmt: skip
