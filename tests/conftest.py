@@ -90,3 +90,30 @@ def inception_weights() -> str:
         if os.environ.get("DITFAST_EXPECT_INCEPTION", "0") == "1":
             pytest.fail(f"DITFAST_EXPECT_INCEPTION=1 but {exc}")
         pytest.skip(f"FID Inception weights not installed: {exc}")
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a local torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def join_process_group_env(rank: int, world: int, port: int) -> None:
+    """Set the torchrun-style variables of one rank of a local (gloo, 1 thread) process group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def skip_module_unless_triton_runs() -> str:
+    """The device Triton kernel tests run on ("cuda", or "cpu" under the interpreter); skips the
+    calling test module, with the reason, where the kernels cannot run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from ditfast import ops
+
+    reason = ops.triton_status(device)
+    if reason is not None:
+        pytest.skip(f"Triton kernels cannot run here: {reason}", allow_module_level=True)
+    return device

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +21,7 @@ from ditfast.imageio import read_png
 from ditfast.models import DiT
 from ditfast.sampling import SampleConfig, SamplingEngine, index_labels, index_noise, main as sample_main, run
 from ditfast.samplers import dpm_solver_timesteps, make_plan, update
-from conftest import assert_close, max_rel_error, randomize_
+from conftest import assert_close, max_rel_error, randomize_, free_port, join_process_group_env
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs / GPU compile)")
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
@@ -321,15 +320,9 @@ def test_cli_latents_out_from_checkpoint(tmp_path):
     assert not (out / "images").exists() or not os.listdir(out / "images")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_worker(rank: int, world: int, port: int, cfg: SampleConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join_process_group_env(rank, world, port)
     result = run(cfg)
     assert result["complete"]
     with open(os.path.join(cfg.out, f"made_by_rank{rank}"), "w") as f:
@@ -352,7 +345,7 @@ def test_two_process_gloo_run_equals_one_process(tmp_path):
     single = _cfg(tmp_path, "one", ckpt)
     assert run(single)["complete"]
     multi = _cfg(tmp_path, "two", ckpt)
-    mp.spawn(_rank_worker, args=(2, _free_port(), multi), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), multi), nprocs=2, join=True)
     (a, la), (b, lb) = _load(single), _load(multi)
     assert a.shape == (6, 4, 8, 8) and np.array_equal(la, lb)
     assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-6, atol=1e-6, what="2 ranks vs 1")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 from ditfast import ops
 from ditfast.diffusion import create_diffusion
 from ditfast.train import TrainConfig, build_model, main as train_main, open_data, train
-from conftest import TOLERANCES, assert_close, randomize_
+from conftest import TOLERANCES, assert_close, randomize_, free_port, join_process_group_env
 
 TINY = dict(data="digits", image_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=1, global_batch=8,
             lr=1e-3, ema_decay=0.9, log_every=1, progress=False)  # fmt: skip
@@ -75,15 +74,9 @@ def test_resume_refuses_another_config(tmp_path):
         train(cfg_for(tmp_path, steps=2, hidden_size=128, num_heads=2, resume="auto"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join_process_group_env(rank, world, port)
     train(cfg)
     torch.distributed.destroy_process_group()
 
@@ -92,7 +85,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     single = cfg_for(tmp_path / "one", steps=3)
     train(single)
     multi = cfg_for(tmp_path / "two", steps=3)
-    mp.spawn(_ddp_worker, args=(2, _free_port(), multi), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), multi), nprocs=2, join=True)
     a, b = _state(tmp_path / "one/run/checkpoints/0000003.pt"), _state(tmp_path / "two/run/checkpoints/0000003.pt")
     for k in a["model"]:
         ref = a["model"][k]

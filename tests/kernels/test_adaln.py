@@ -13,14 +13,12 @@ import pytest
 import torch
 
 from ditfast import ops
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, skip_module_unless_triton_runs
 
 kernels = pytest.importorskip("ditfast.kernels.adaln", reason="triton is not installed")
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-if ops.triton_status(DEVICE) is not None:
-    pytest.skip(f"Triton kernels cannot run here: {ops.triton_status(DEVICE)}", allow_module_level=True)
+DEVICE = skip_module_unless_triton_runs()
 
 # (B, N, D): D in {384, 1008, 1152} (1152 is not a power of two), N in {1, 7, 256}, B in {1, 3}.
 # The interpreter is slow, so the CPU run covers each value at least once; CUDA runs them all.

@@ -13,14 +13,12 @@ import torch
 
 from ditfast import ops
 from ditfast.ops.attention import packed_attention_ref
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, skip_module_unless_triton_runs
 
 kernels = pytest.importorskip("ditfast.kernels.attention", reason="triton is not installed")
 
 CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-if ops.triton_status(DEVICE) is not None:
-    pytest.skip(f"Triton kernels cannot run here: {ops.triton_status(DEVICE)}", allow_module_level=True)
+DEVICE = skip_module_unless_triton_runs()
 
 # (B, N, H, Dh): Dh 64 and 72 (DiT's head dims; 72 is not a power of two), N of one token, odd,
 # and a whole number of blocks. The interpreter is slow (~3 ms per program), so the CPU set is small.
