@@ -43,7 +43,7 @@ def sample_digits(
     model: DiT,
     labels: torch.Tensor,
     steps: int = 50,
-    cfg_scale: float = 2.0,
+    cfg_scale: float = 4.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
@@ -116,19 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="ditfast_digits.png", help="PNG grid to write (default: %(default)s)")
     parser.add_argument("--per-class", type=int, default=10, help="samples per digit (one row each)")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps (1..1000)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (>= 1)")
+    parser.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (>= 1); default: the bundled model's recipe value")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-reference", action="store_true", help="do not time the reference path")
     args = parser.parse_args(argv)
+    with open(BUNDLED_RECIPE) as f:
+        recipe = json.load(f)
+    if args.cfg_scale is None:
+        args.cfg_scale = recipe["demo_cfg_scale"]
     if not 1 <= args.steps <= 1000 or args.cfg_scale < 1 or args.per_class < 1:
         parser.error("need 1 <= --steps <= 1000, --cfg-scale >= 1 and --per-class >= 1")
 
     device = torch.device(args.device)
     model = load_bundled_model(device)
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    with open(BUNDLED_RECIPE) as f:
-        recipe = json.load(f)
     print(f"bundled model: {recipe['description']}; trained {recipe['steps']} steps on {recipe['device']}")
 
     timings = {}
