@@ -215,7 +215,7 @@ def train(cfg: TrainConfig) -> dict:
     data = open_data(cfg)
     vae = None
     if cfg.vae:
-        from .vae import load_vae
+        from .vae import encode, load_vae
 
         vae = load_vae(cfg.vae, device)
     model = build_model(cfg, data, device)
@@ -275,8 +275,6 @@ def train(cfg: TrainConfig) -> dict:
         x, y = data.get(idx, flips if flip_on else None)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if vae is not None:
-            from .vae import encode
-
             x = encode(vae, x, generator=None)
         t = torch.randint(0, diffusion.num_timesteps, (cfg.global_batch,), generator=g)[lo:hi].to(device)
         noise = torch.randn((cfg.global_batch, *x.shape[1:]), generator=g)[lo:hi].to(device)
