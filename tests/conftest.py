@@ -117,3 +117,21 @@ def skip_module_unless_triton_runs() -> str:
     if reason is not None:
         pytest.skip(f"Triton kernels cannot run here: {reason}", allow_module_level=True)
     return device
+
+
+def assert_same_training_signal(model: torch.nn.Module, inputs: tuple, attr: str, ref_value: str, value: str, what: str) -> None:
+    """Run ``model(*inputs)`` forward and backward with ``model.<attr>`` set to ``ref_value``, then
+    to ``value``; assert the outputs and every parameter gradient agree (fp32 tolerances)."""
+    results = {}
+    for setting in (ref_value, value):
+        setattr(model, attr, setting)
+        model.zero_grad(set_to_none=True)
+        out = model(*inputs)
+        out.square().mean().backward()
+        results[setting] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    (out_r, grads_r), (out_v, grads_v) = results[ref_value], results[value]
+    assert out_r.abs().max() > 0.1, f"{what}: degenerate test, the reference output is ~zero"
+    assert_close(out_v, out_r, rtol=1e-4, atol=1e-4 * out_r.abs().max().item(), what=f"{what} output")
+    assert grads_v.keys() == grads_r.keys()
+    for name, ref in grads_r.items():
+        assert_close(grads_v[name], ref, rtol=1e-3, atol=1e-4 * max(ref.abs().max().item(), 1e-6), what=f"{what} grad {name}")

@@ -7,7 +7,7 @@ import torch
 
 from ditfast import DiT_models, ops
 from ditfast.models import EAGER_OPS, FUSED_OPS, adaln_ops
-from conftest import assert_close, randomize_
+from conftest import assert_close, assert_same_training_signal, randomize_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(ops.triton_status(DEVICE) is not None, reason=f"Triton kernels unavailable: {ops.triton_status(DEVICE)}")
@@ -27,21 +27,7 @@ def test_triton_backend_matches_eager_outputs_and_parameter_gradients():
     x = torch.randn(B, 4, size, size, device=DEVICE)
     t = torch.randint(0, 1000, (B,), device=DEVICE)
     y = torch.randint(0, 11, (B,), device=DEVICE)
-    results = {}
-    for backend in ("eager", "triton"):
-        model.backend = backend
-        model.zero_grad(set_to_none=True)
-        out = model(x, t, y)
-        out.square().mean().backward()
-        results[backend] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    out_e, grads_e = results["eager"]
-    out_t, grads_t = results["triton"]
-    assert out_e.abs().max() > 0.1
-    assert_close(out_t, out_e, rtol=1e-4, atol=1e-4 * out_e.abs().max().item(), what="DiT-S/2 output")
-    assert grads_t.keys() == grads_e.keys()
-    for name in grads_e:
-        ref = grads_e[name]
-        assert_close(grads_t[name], ref, rtol=1e-3, atol=1e-4 * max(ref.abs().max().item(), 1e-6), what=f"grad {name}")
+    assert_same_training_signal(model, (x, t, y), "backend", "eager", "triton", "DiT-S/2 fused adaLN")
 
 
 def test_one_gemm_modulations_equal_per_block_and_track_weight_updates():
