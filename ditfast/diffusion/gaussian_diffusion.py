@@ -531,6 +531,17 @@ class GaussianDiffusion:
                 yield out
                 img = out["sample"]
 
+    def _ddim_prediction(self, model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs):
+        """The model's prediction at (x, t) (score-guided by ``cond_fn`` if given) and eps re-derived
+        from its (possibly clipped) x_0 prediction: what a DDIM step, either way, starts from."""
+        out = self.p_mean_variance(
+            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        return out, self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
                     model_kwargs=None, eta=0.0):
         """One DDIM step x_t -> x_{t-1} (eq. 12 of Song et al.), ``eta`` scaling the noise.
@@ -538,14 +549,7 @@ class GaussianDiffusion:
         Calls the model (then ``cond_fn`` via :meth:`condition_score`), then draws exactly one
         ``randn_like(x)``. Returns dict "sample" and "pred_xstart", shape of ``x``.
         """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # Re-derive eps from the (possibly clipped) x_0 prediction.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
         sigma = (
@@ -570,13 +574,7 @@ class GaussianDiffusion:
         """
         if eta != 0.0:
             raise ValueError("ddim_reverse_sample is deterministic: eta must be 0.0")
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar_next = self._extract(self.alphas_cumprod_next, t, x.shape)
         mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
