@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -135,3 +137,19 @@ def assert_same_training_signal(model: torch.nn.Module, inputs: tuple, attr: str
     assert grads_v.keys() == grads_r.keys()
     for name, ref in grads_r.items():
         assert_close(grads_v[name], ref, rtol=1e-3, atol=1e-4 * max(ref.abs().max().item(), 1e-6), what=f"{what} grad {name}")
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (its folder on sys.path while it loads)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(BENCHMARKS)

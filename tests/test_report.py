@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+from conftest import load_benchmark
 
-
-def _load(name: str):
-    sys.path.insert(0, BENCH)
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(BENCH)
-
-
-report = _load("report")
-results = _load("_results")
+report = load_benchmark("report")
+results = load_benchmark("_results")
 
 ENV = dict(torch="2.13", triton="3.9", git_sha="abc", date="2026-01-01T00:00:00Z")
 

@@ -1,0 +1,279 @@
+"""The DiT paper's scaling study at the scale of the bundled digits: Gflops against FID.
+
+    python benchmarks/bench_gflops_fid.py [--models S/4 B/4 S/2 B/2] [--steps 2000] [--num-samples 500]
+                                          [--work runs/gflops_fid] [--out results/gflops_fid_cpu.csv]
+
+What it does, in order (every stage is resumable: rerunning with the same settings reuses what is
+finished in ``--work``):
+
+1. Trains each model (:data:`MODELS`: two widths x two patch sizes, like the paper's S/B x 4/2
+   grid, shrunk for 16x16x1 digits) with :func:`ditfast.train.train` on the bundled digits, all
+   with the same steps, batch, learning rate, EMA decay and seed. To use two cores, run
+   ``--train-only`` with half of ``--models`` in each of two processes first.
+2. Computes Inception features of the real digits (the reference set: all 1,797, upsampled to
+   16x16, quantised as the samples are).
+3. Samples ``--num-samples`` images from each model's EMA weights with :func:`ditfast.sample`
+   (no guidance, as the paper's scaling plots; class labels 0-9 in turn, matching the reference's
+   class balance; ``--sampler`` with ``--sampling-steps``) and scores them: FID, sFID, precision
+   and recall (:mod:`ditfast.metrics`, the ADM evaluator's definitions).
+4. For ``--spread-model``: the same FID for every seed of ``--seeds`` on the fast path (the
+   seed-to-seed spread) and for the reference path (eager, official math, fp32/TF32) on the first
+   seed. The fast path must not move FID by more than the seed-to-seed spread.
+
+Providers: ``ditfast`` is the library's defaults on the device (on a GPU: bf16, the fused Triton
+adaLN kernels, the compiled patch ops, the chosen attention kernel and the CUDA-graph sampling
+loop; on a CPU the defaults are the eager fp32 math, so there it coincides with the reference and
+the script says so); ``reference`` is ``backend="eager"``, torch's SDPA call, fp32 weights (TF32
+matmuls on a GPU, as the official sample script), eager loop.
+
+FID here is FID-``num_samples`` against 1,797 real digits: comparable between the rows of one run,
+not with the paper's FID-50K on ImageNet. Rows go to ``--out`` (``_results.FID_FIELDS``); a grid
+with one row of samples per model goes to ``--grid``; ``benchmarks/report.py`` tabulates and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _results import FID_FIELDS, RESULTS_DIR, append_rows, atomic_write, environment  # noqa: E402
+
+import ditfast  # noqa: E402
+from ditfast.data.digits import load_digits, pixels_to_uint8  # noqa: E402
+from ditfast.imageio import make_grid, save_png  # noqa: E402
+from ditfast.metrics import compute_activations, compute_statistics, frechet_distance, precision_recall  # noqa: E402
+from ditfast.metrics.npz import write_npz  # noqa: E402
+from ditfast.train import TrainConfig, train  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    name: str  # paper-style size/patch name, scaled to 16x16x1 digits
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+
+    @property
+    def tag(self) -> str:
+        return self.name.replace("/", "-")
+
+    def describe(self) -> str:
+        return f"DiT-{self.name} (depth {self.depth}, hidden {self.hidden_size}, {self.num_heads} head(s), patch {self.patch_size})"
+
+
+MODELS = {
+    s.name: s
+    for s in (
+        Spec("S/4", 4, 64, 1, 4),
+        Spec("B/4", 4, 128, 2, 4),
+        Spec("S/2", 4, 64, 1, 2),
+        Spec("B/2", 4, 128, 2, 2),
+        Spec("L/4", 6, 192, 3, 4),
+        Spec("L/2", 6, 192, 3, 2),
+    )
+}
+DEFAULT_MODELS = ["S/4", "B/4", "S/2", "B/2"]
+PROVIDERS = ("ditfast", "reference")
+STUDY_FILE = "study.json"  # the training settings of a work folder
+
+
+def train_settings(args: argparse.Namespace) -> dict:
+    return dict(steps=args.steps, global_batch=args.batch, lr=args.lr, ema_decay=args.ema_decay, seed=args.train_seed)
+
+
+def check_study(work: str, settings: dict) -> None:
+    """A work folder holds models trained with one set of settings: refuse to mix."""
+    path = os.path.join(work, STUDY_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != settings:
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} there, {v!r} now" for k, v in settings.items() if theirs.get(k) != v)
+            raise SystemExit(f"error: {work} holds models trained with other settings ({diff}); use another --work")
+    else:
+        os.makedirs(work, exist_ok=True)
+        atomic_write(path, json.dumps(settings, indent=1) + "\n")
+
+
+def train_model(spec: Spec, args: argparse.Namespace) -> str:
+    """Train ``spec`` (resuming from its newest checkpoint) unless its EMA export exists; returns the export."""
+    out = os.path.join(args.work, spec.tag)
+    export = os.path.join(out, "ema.safetensors")
+    if os.path.isfile(export):
+        print(f"{spec.describe()}: trained ({export})")
+        return export
+    s = train_settings(args)
+    cfg = TrainConfig(
+        data="digits", image_size=16, depth=spec.depth, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+        patch_size=spec.patch_size, steps=s["steps"], global_batch=s["global_batch"], lr=s["lr"], ema_decay=s["ema_decay"],
+        seed=s["seed"], log_every=100, ckpt_every=500, out=out, resume="auto", export=export, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"{spec.describe()}: training {cfg.steps} steps, batch {cfg.global_batch} -> {out}")
+    result = train(cfg)
+    if not math.isfinite(result["loss"]):
+        raise SystemExit(f"error: training {spec.name} diverged (loss {result['loss']})")
+    return export
+
+
+def reference_activations(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """Inception (pool, spatial) features of the real digits, cached in the work folder."""
+    x, _ = load_digits(16)
+    if args.ref_limit:
+        x = x[: args.ref_limit]
+    path = os.path.join(args.work, f"ref_digits16_{len(x)}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return f["pool"], f["spatial"]
+    print(f"reference: Inception features of {len(x)} real digits")
+    pool, spatial = compute_activations(pixels_to_uint8(x).numpy(), batch_size=args.inception_batch, progress=not args.no_progress)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, pool=pool, spatial=spatial)
+    os.replace(tmp, path)
+    return pool, spatial
+
+
+def prepare(model: ditfast.DiT, provider: str, device: torch.device) -> tuple[str, str]:
+    """Set the model's backends for ``provider``; returns (precision, loop mode) for ditfast.sample."""
+    if provider == "reference":
+        model.backend, model.attn_backend = "eager", "sdpa"
+        return ("tf32" if device.type == "cuda" else "fp32"), "eager"
+    model.backend, model.attn_backend = "auto", "auto"
+    return "auto", "auto"
+
+
+def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argparse.Namespace, device: torch.device) -> np.ndarray:
+    """uint8 (N, 16, 16, 1) samples, cached as an ADM .npz in the work folder."""
+    name = f"{spec.tag}_{provider}_{args.sampler}{args.sampling_steps}_cfg{args.cfg_scale:g}_n{args.num_samples}_seed{seed}.npz"
+    path = os.path.join(args.work, "samples", name)
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return f["arr_0"]
+    model = ditfast.load_model(export, device=device)
+    precision, mode = prepare(model, provider, device)
+    t0 = time.perf_counter()
+    gen = ditfast.sample(
+        model, labels=range(10), num_samples=args.num_samples, sampler=args.sampler, steps=args.sampling_steps,
+        cfg_scale=args.cfg_scale, clip_denoised=True, seed=seed, precision=precision, batch_size=args.sample_batch,
+        mode=mode, progress=not args.no_progress,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    print(f"  {spec.name} {provider} seed {seed}: {args.num_samples} samples in {dt:.1f} s ({args.num_samples / dt:.1f} images/s)")
+    images = gen.images.numpy()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_npz(path, images)
+    return images
+
+
+def score(images: np.ndarray, ref: tuple[np.ndarray, np.ndarray], args: argparse.Namespace) -> dict:
+    pool, spatial = compute_activations(images, batch_size=args.inception_batch, progress=not args.no_progress)
+    mu, sigma = compute_statistics(pool)
+    mu_r, sigma_r = compute_statistics(ref[0])
+    mu_s, sigma_s = compute_statistics(spatial)
+    mu_rs, sigma_rs = compute_statistics(ref[1])
+    prec, rec = precision_recall(ref[0], pool)
+    return dict(fid=frechet_distance(mu, sigma, mu_r, sigma_r), sfid=frechet_distance(mu_s, sigma_s, mu_rs, sigma_rs), precision=prec, recall=rec)
+
+
+def runs(models: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, str, int]]:
+    """(model, provider, seed) of every evaluation, the spread model's extra ones last."""
+    spread = MODELS[args.spread_model]
+    todo = [(m, "ditfast", args.seeds[0]) for m in models]
+    todo += [(spread, "ditfast", s) for s in args.seeds[1:]]
+    todo.append((spread, "reference", args.seeds[0]))
+    return todo
+
+
+def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) -> list[str]:
+    lines = [f"{'model':<46} {'Gflops':>8} {'provider':>9} {'seed':>4} {'FID':>8} {'sFID':>8} {'prec':>6} {'recall':>6}"]
+    for r in rows:
+        lines.append(f"{r['model']:<46} {float(r['gflops']):8.4f} {r['provider']:>9} {r['seed']:>4} {float(r['fid']):8.2f} "
+                     f"{float(r['sfid']):8.2f} {float(r['precision']):6.3f} {float(r['recall']):6.3f}")  # fmt: skip
+    spread_rows = [r for r in rows if r["model"] == MODELS[args.spread_model].describe()]
+    fast = [float(r["fid"]) for r in spread_rows if r["provider"] == "ditfast"]
+    ref = [float(r["fid"]) for r in spread_rows if r["provider"] == "reference"]
+    if len(fast) >= 2 and ref:
+        spread = max(fast) - min(fast)
+        moved = abs(fast[0] - ref[0])
+        verdict = "within" if moved <= spread else "OUTSIDE"
+        lines.append(f"{args.spread_model}: FID over seeds {', '.join(f'{v:.2f}' for v in fast)} (spread {spread:.2f}, "
+                     f"sd {statistics.stdev(fast):.2f}); fast path vs reference on seed {args.seeds[0]}: "
+                     f"{fast[0]:.2f} vs {ref[0]:.2f}, moved {moved:.2f}: {verdict} the seed-to-seed spread")  # fmt: skip
+        if device.type != "cuda":
+            lines.append("(no GPU: the fast path's defaults on the CPU are the eager fp32 math, so the two providers "
+                         "run the same computation here; the fused kernels are compared on a GPU)")  # fmt: skip
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=2000, help="training steps of every model")
+    p.add_argument("--batch", type=int, default=64, help="training batch")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--train-only", action="store_true", help="train the models, evaluate nothing")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per FID")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpm-solver++"])
+    p.add_argument("--sampling-steps", type=int, default=100)
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's scaling plots)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the spread model; the first for all")
+    p.add_argument("--spread-model", default="B/4", choices=list(MODELS), help="the model whose seed spread and reference-path FID are measured")
+    p.add_argument("--sample-batch", type=int, default=250)
+    p.add_argument("--inception-batch", type=int, default=64)
+    p.add_argument("--ref-limit", type=int, default=0, help="use only the first N real digits as the reference (0: all; for smoke tests)")
+    p.add_argument("--work", default=os.path.join("runs", "gflops_fid"), help="checkpoints, samples and caches")
+    p.add_argument("--out", default=None, help="results CSV (default: results/gflops_fid_{gpu|cpu}.csv)")
+    p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.spread_model not in args.models:
+        p.error(f"--spread-model {args.spread_model} must be one of --models {args.models}")
+    if args.num_samples < 2 or args.steps < 1 or not 1 <= args.sampling_steps <= 1000 or args.cfg_scale < 1:
+        p.error("need --num-samples >= 2, --steps >= 1, 1 <= --sampling-steps <= 1000 and --cfg-scale >= 1")
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    models = [MODELS[m] for m in args.models]
+    check_study(args.work, train_settings(args))
+    exports = {m.name: train_model(m, args) for m in models}
+    if args.train_only:
+        return 0
+
+    out = args.out or os.path.join(RESULTS_DIR, f"gflops_fid_{'gpu' if cuda else 'cpu'}.csv")
+    grid_path = args.grid or os.path.splitext(out)[0] + "_samples.png"
+    ref = reference_activations(args)
+    rows, grid = [], {}
+    for spec, provider, seed in runs(models, args):
+        images = sample_images(spec, exports[spec.name], provider, seed, args, device)
+        if provider == "ditfast" and seed == args.seeds[0]:
+            grid[spec.name] = torch.from_numpy(images[:20])
+        model = ditfast.load_model(exports[spec.name])
+        row = dict(
+            model=spec.describe(), gflops=f"{ditfast.gflops(model):.5f}", num_samples=args.num_samples,
+            train_steps=args.steps, sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}", provider=provider,
+            seed=seed, **{k: f"{v:.4f}" for k, v in score(images, ref, args).items()}, **environment(device),
+        )  # fmt: skip
+        append_rows(out, [row], fields=FID_FIELDS)  # one by one: a crash keeps every finished row
+        rows.append(row)
+        print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}")
+    order = sorted(grid, key=lambda n: ditfast.gflops(ditfast.load_model(exports[n])))
+    save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=20, pad=1, scale=3))
+    print("\n".join(summarize(rows, args, device)))
+    print(f"{len(rows)} rows appended to {out}; samples (one row per model, by Gflops: {', '.join(order)}) in {grid_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
