@@ -241,6 +241,10 @@ class DiT(nn.Module):
         super().__init__()
         self._modulation_cache = None
         self.grad_checkpointing = False  # recompute each block in backward (less memory, ~1.3x compute)
+        # Check the label values on every forward (one device-to-host read of min/max). Callers that
+        # validate labels once up front, such as the sampling engine, turn it off: per step, that
+        # read stalls the host until the GPU catches up and breaks the launch pipelining.
+        self.check_label_range = True
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
         if hidden_size % 4:
@@ -332,7 +336,7 @@ class DiT(nn.Module):
         # Label range needs the values; skip while tracing or capturing a CUDA graph (no host sync).
         if torch.compiler.is_compiling() or (y.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
-        if batch == 0:
+        if batch == 0 or not self.check_label_range:
             return
         top = self.y_embedder.embedding_table.num_embeddings - 1
         lo, hi = (int(v) for v in torch.aminmax(y))

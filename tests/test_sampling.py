@@ -422,6 +422,77 @@ def test_sample_refuses_unknown_models():
 
 
 # ------------------------------------------------------------------------------------------
+# The graph body on the CPU: what a CUDA graph needs of the step, checked without a GPU
+# ------------------------------------------------------------------------------------------
+
+# Ops a captured step must not run: host syncs / data-dependent shapes (the capture fails or the
+# replay freezes a value), host->device constants, and random draws (the engine feeds noise).
+_NOT_CAPTURABLE = ("local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh", "scalar_tensor",
+                   "randn", "rand", "normal", "uniform", "bernoulli", "randint", "multinomial", "item")  # fmt: skip
+
+
+class _OpTrace(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op with its tensor shapes/dtypes and its non-tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("T", tuple(a.shape), a.dtype)
+            if isinstance(a, (list, tuple)):
+                return tuple(describe(v) for v in a)
+            return a
+
+        self.ops.append((func.overloadpacket.__name__, str(func), describe(args), describe(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+def test_run_checks_labels_once_per_batch_instead_of_every_step():
+    model = tiny_dit()
+    engine = SamplingEngine(model, make_plan("ddim", 2), batch_size=2, cfg_scale=1.5)
+    assert model.check_label_range and not engine.model.check_label_range
+    for bad in ([3, 10], [-1, 2]):  # 10 is the null class: not a label to sample
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\]"):
+            engine.run(torch.randn(2, 4, 8, 8), torch.tensor(bad))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+@pytest.mark.parametrize("cfg,precision", [(1.0, "fp32"), (1.5, "fp32"), (4.0, "bf16")])
+def test_the_step_is_capturable_and_the_same_at_every_step(sampler, cfg, precision):
+    """What graph mode captures is ``SamplingEngine._step`` over the static buffers; a replay
+    repeats its ops exactly. So on every step it must run the same ops on the same shapes with the
+    same non-tensor arguments (per-step values come from device tensors indexed by ``k``), never
+    sync with the host, draw random numbers or build tensors from Python values, and leave its
+    results in the same buffers."""
+    model = tiny_dit(6).train()  # training mode on the caller's model: label dropout must still be off
+    plan = make_plan(sampler, 4)
+    engine = SamplingEngine(model, plan, batch_size=3, cfg_scale=cfg, precision=precision)
+    buffers = {n: getattr(engine, n) for n in ("x", "x0_prev", "noise", "y", "k") if getattr(engine, n) is not None}
+    pointers = {n: b.data_ptr() for n, b in buffers.items()}
+    engine.x.normal_()
+    if engine.noise is not None:
+        engine.noise.normal_()
+    traces = []
+    with torch.no_grad():
+        for _ in range(plan.steps):
+            with _OpTrace() as trace:
+                engine._step()
+            traces.append(trace.ops)
+    assert int(engine.k) == plan.steps and torch.isfinite(engine.x).all()
+    assert {n: b.data_ptr() for n, b in buffers.items()} == pointers, "the step must update its buffers in place"
+    bad = sorted({op[0] for op in traces[0] if op[0].lstrip("_").rstrip("_") in _NOT_CAPTURABLE})
+    assert not bad, f"the step runs ops a CUDA graph cannot hold or would freeze: {bad}"
+    for k, ops in enumerate(traces[1:], 1):
+        if ops != traces[0]:
+            i = next((i for i, (a, b) in enumerate(zip(ops, traces[0])) if a != b), min(len(ops), len(traces[0])))
+            pytest.fail(f"step {k} differs from step 0 at op {i}: {ops[i:i + 1]} vs {traces[0][i:i + 1]} "
+                        f"({len(ops)} vs {len(traces[0])} ops): a replayed graph would repeat step 0")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
 # GPU: graph capture and torch.compile share the step with the eager path
 # ------------------------------------------------------------------------------------------
 
