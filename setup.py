@@ -53,7 +53,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     package_dir={"ditfast": "ditfast", "ditfast.kernels": "kernels"},
-    packages=["ditfast", "ditfast.diffusion", "ditfast.ops", "ditfast.data", "ditfast.kernels"],
+    packages=["ditfast", "ditfast.diffusion", "ditfast.ops", "ditfast.data", "ditfast.metrics", "ditfast.kernels"],
     package_data={"ditfast": ["assets/*.safetensors", "assets/*.json"], "ditfast.data": ["*.npz"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
