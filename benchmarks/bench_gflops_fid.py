@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-limit", type=int, default=0, help="use only the first N real digits as the reference (0: all; for smoke tests)")
     p.add_argument("--work", default=os.path.join("runs", "gflops_fid"), help="checkpoints, samples and caches")
     p.add_argument("--out", default=None, help="results CSV (default: results/gflops_fid_{gpu|cpu}.csv)")
-    p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out)")
+    p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out, named by --steps)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.spread_model not in args.models:
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out = args.out or os.path.join(RESULTS_DIR, f"gflops_fid_{'gpu' if cuda else 'cpu'}.csv")
-    grid_path = args.grid or os.path.splitext(out)[0] + "_samples.png"
+    grid_path = args.grid or f"{os.path.splitext(out)[0]}_samples_{args.steps}steps.png"
     ref = reference_activations(args)
     rows, grid = [], {}
     for spec, provider, seed in runs(models, args):

@@ -201,15 +201,21 @@ def plot_bandwidth(bw: list[dict], plots_dir: str, plt) -> tuple[list[str], list
 
 
 def plot_fid(fs: list[dict], plots_dir: str, plt) -> tuple[list[str], list[str]]:
-    """FID vs Gflops (log x), one series per provider, error bars = seed-to-seed spread."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for provider in sorted({r["provider"] for r in fs}):
-        rs = sorted((r for r in fs if r["provider"] == provider), key=lambda r: r["gflops"])
+    """FID vs Gflops (log x), one series per (provider, training steps, sampler, device), error
+    bars = seed-to-seed standard deviation; points labelled by the model's short name."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    series = sorted({(r["provider"], int(r["train_steps"]), r["sampler"], r["device"]) for r in fs}, key=lambda k: (k[0], k[1], k[2], k[3]))
+    several = {"sampler": len({k[2] for k in series}) > 1, "device": len({k[3] for k in series}) > 1}  # say them when they vary
+    for key in series:
+        provider, steps, sampler, device = key
+        rs = sorted((r for r in fs if (r["provider"], int(r["train_steps"]), r["sampler"], r["device"]) == key), key=lambda r: r["gflops"])
+        label = ", ".join([provider, f"{steps} training steps"] + [sampler] * several["sampler"] + [device] * several["device"])
         ax.errorbar([r["gflops"] for r in rs], [r["fid"] for r in rs], yerr=[r["fid_std"] or 0 for r in rs],
-                    marker="o", capsize=3, label=provider)  # fmt: skip
-        for r in rs:
-            ax.annotate(r["model"], (r["gflops"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                    marker="o" if provider != "reference" else "x", capsize=3, label=label, linestyle="-" if len(rs) > 1 else "none")  # fmt: skip
+        for r in rs if provider != "reference" else []:  # the reference sits on a model already named
+            ax.annotate(r["model"].split(" (")[0], (r["gflops"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log-axis minor labels collide
     ax.set(xlabel="Gflops per forward", ylabel="FID", title="sample quality vs compute")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -35,7 +35,7 @@ def test_study_trains_scores_and_resumes(tmp_path, inception_weights, capsys):
     assert float(b4["gflops"]) > 3 * float(s4["gflops"])  # twice the width: about four times the flops
     assert rows[0]["fid"] != rows[2]["fid"]  # another seed, other samples
     text = capsys.readouterr().out
-    assert "seed-to-seed spread" in text and os.path.isfile(str(tmp_path / "fid_samples.png"))
+    assert "seed-to-seed spread" in text and os.path.isfile(str(tmp_path / "fid_samples_2steps.png"))
 
     # a rerun reuses the trained models and the cached samples: the same scores, nothing retrained
     export = os.path.join(work, "S-4", "ema.safetensors")
