@@ -1,7 +1,7 @@
 """The DiT paper's scaling study at the scale of the bundled digits: Gflops against FID.
 
-    python benchmarks/bench_gflops_fid.py [--models S/4 B/4 S/2 B/2] [--steps 2000] [--num-samples 500]
-                                          [--work runs/gflops_fid] [--out results/gflops_fid_cpu.csv]
+    python benchmarks/bench_gflops_fid.py [--models S/4 B/4 S/2 B/2] [--steps 6000] [--num-samples 500]
+                                          [--work runs/gflops_fid] [--out benchmarks/results/gflops_fid_cpu.csv]
 
 What it does, in order (every stage is resumable: rerunning with the same settings reuses what is
 finished in ``--work``):
@@ -34,12 +34,13 @@ with one row of samples per model goes to ``--grid``; ``benchmarks/report.py`` t
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -111,6 +112,10 @@ def train_model(spec: Spec, args: argparse.Namespace) -> str:
     out = os.path.join(args.work, spec.tag)
     export = os.path.join(out, "ema.safetensors")
     if os.path.isfile(export):
+        model = ditfast.load_model(export)
+        got = (len(model.blocks), model.x_embedder.proj.out_channels, model.num_heads, model.patch_size)
+        if got != (spec.depth, spec.hidden_size, spec.num_heads, spec.patch_size):
+            raise SystemExit(f"error: {export} holds a DiT with (depth, hidden, heads, patch) = {got}, not {spec.describe()}")
         print(f"{spec.describe()}: trained ({export})")
         return export
     s = train_settings(args)
@@ -121,8 +126,9 @@ def train_model(spec: Spec, args: argparse.Namespace) -> str:
     )  # fmt: skip
     print(f"{spec.describe()}: training {cfg.steps} steps, batch {cfg.global_batch} -> {out}")
     result = train(cfg)
-    if not math.isfinite(result["loss"]):
-        raise SystemExit(f"error: training {spec.name} diverged (loss {result['loss']})")
+    if not all(torch.isfinite(p).all() for p in result["ema"].parameters()):
+        os.unlink(export)  # never score a diverged model on a rerun
+        raise SystemExit(f"error: training {spec.name} diverged (last logged loss {result['loss']}); its export was removed")
     return export
 
 
@@ -137,8 +143,9 @@ def reference_activations(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
             return f["pool"], f["spatial"]
     print(f"reference: Inception features of {len(x)} real digits")
     pool, spatial = compute_activations(pixels_to_uint8(x).numpy(), batch_size=args.inception_batch, progress=not args.no_progress)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, pool=pool, spatial=spatial)
+    fd, tmp = tempfile.mkstemp(dir=args.work, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, pool=pool, spatial=spatial)
     os.replace(tmp, path)
     return pool, spatial
 
@@ -154,7 +161,8 @@ def prepare(model: ditfast.DiT, provider: str, device: torch.device) -> tuple[st
 
 def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argparse.Namespace, device: torch.device) -> np.ndarray:
     """uint8 (N, 16, 16, 1) samples, cached as an ADM .npz in the work folder."""
-    name = f"{spec.tag}_{provider}_{args.sampler}{args.sampling_steps}_cfg{args.cfg_scale:g}_n{args.num_samples}_seed{seed}.npz"
+    name = (f"{spec.tag}_{provider}_{device.type}_{args.sampler}{args.sampling_steps}_cfg{args.cfg_scale:g}"
+            f"_n{args.num_samples}_seed{seed}.npz")  # fmt: skip
     path = os.path.join(args.work, "samples", name)
     if os.path.isfile(path):
         with np.load(path) as f:
@@ -183,6 +191,17 @@ def score(images: np.ndarray, ref: tuple[np.ndarray, np.ndarray], args: argparse
     mu_rs, sigma_rs = compute_statistics(ref[1])
     prec, rec = precision_recall(ref[0], pool)
     return dict(fid=frechet_distance(mu, sigma, mu_r, sigma_r), sfid=frechet_distance(mu_s, sigma_s, mu_rs, sigma_rs), precision=prec, recall=rec)
+
+
+ROW_KEY = ("model", "provider", "seed", "sampler", "num_samples", "train_steps", "device")
+
+
+def measured(out: str) -> dict[tuple, dict]:
+    """Rows already in the results file, by :data:`ROW_KEY` (a rerun does not measure them again)."""
+    if not os.path.isfile(out):
+        return {}
+    with open(out, newline="") as f:
+        return {tuple(r[k] for k in ROW_KEY): r for r in csv.DictReader(f)}
 
 
 def runs(models: list[Spec], args: argparse.Namespace) -> list[tuple[Spec, str, int]]:
@@ -218,7 +237,7 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), help="default: %(default)s")
-    p.add_argument("--steps", type=int, default=2000, help="training steps of every model")
+    p.add_argument("--steps", type=int, default=6000, help="training steps of every model")
     p.add_argument("--batch", type=int, default=64, help="training batch")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -242,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--spread-model {args.spread_model} must be one of --models {args.models}")
     if args.num_samples < 2 or args.steps < 1 or not 1 <= args.sampling_steps <= 1000 or args.cfg_scale < 1:
         p.error("need --num-samples >= 2, --steps >= 1, 1 <= --sampling-steps <= 1000 and --cfg-scale >= 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds must differ from each other (they measure the seed-to-seed spread), got {args.seeds}")
+    if args.ref_limit < 0 or (args.ref_limit and args.out is None):
+        p.error("--ref-limit must be >= 0, and a reduced reference needs its own --out (the results files hold full-reference FIDs)")
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -254,24 +277,32 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(RESULTS_DIR, f"gflops_fid_{'gpu' if cuda else 'cpu'}.csv")
     grid_path = args.grid or f"{os.path.splitext(out)[0]}_samples_{args.steps}steps.png"
     ref = reference_activations(args)
-    rows, grid = [], {}
+    rows, grid, done = [], {}, measured(out)
+    per_row = min(20, args.num_samples)
     for spec, provider, seed in runs(models, args):
-        images = sample_images(spec, exports[spec.name], provider, seed, args, device)
-        if provider == "ditfast" and seed == args.seeds[0]:
-            grid[spec.name] = torch.from_numpy(images[:20])
         model = ditfast.load_model(exports[spec.name])
-        row = dict(
-            model=spec.describe(), gflops=f"{ditfast.gflops(model):.5f}", num_samples=args.num_samples,
-            train_steps=args.steps, sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}", provider=provider,
-            seed=seed, **{k: f"{v:.4f}" for k, v in score(images, ref, args).items()}, **environment(device),
-        )  # fmt: skip
-        append_rows(out, [row], fields=FID_FIELDS)  # one by one: a crash keeps every finished row
+        env = environment(device)
+        row = dict(model=spec.describe(), gflops=f"{ditfast.gflops(model):.5f}", num_samples=str(args.num_samples),
+                   train_steps=str(args.steps), sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}",
+                   provider=provider, seed=str(seed), device=env["device"])  # fmt: skip
+        key = tuple(row[k] for k in ROW_KEY)
+        in_grid = provider == "ditfast" and seed == args.seeds[0]
+        if key not in done or in_grid:
+            images = sample_images(spec, exports[spec.name], provider, seed, args, device)
+        if in_grid:
+            grid[spec.name] = torch.from_numpy(images[:per_row])
+        if key in done:
+            row = done[key]
+            print(f"  {spec.name} {provider} seed {seed}: measured before ({out}, {row['date']})")
+        else:
+            row.update({k: f"{v:.4f}" for k, v in score(images, ref, args).items()}, **env)
+            append_rows(out, [row], fields=FID_FIELDS)  # one by one: a crash keeps every finished row
         rows.append(row)
         print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}")
     order = sorted(grid, key=lambda n: ditfast.gflops(ditfast.load_model(exports[n])))
-    save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=20, pad=1, scale=3))
+    save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=per_row, pad=1, scale=3))
     print("\n".join(summarize(rows, args, device)))
-    print(f"{len(rows)} rows appended to {out}; samples (one row per model, by Gflops: {', '.join(order)}) in {grid_path}")
+    print(f"{len(rows)} rows in {out}; samples (one row per model, by Gflops: {', '.join(order)}) in {grid_path}")
     return 0
 
 

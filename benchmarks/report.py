@@ -119,13 +119,17 @@ def bandwidth_rows(rows: list[dict]) -> list[dict]:
 
 
 def fid_summary(rows: list[dict]) -> list[dict]:
-    """Per (model, provider, sampler, steps, device): Gflops and mean / spread of FID over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    """Per (model, provider, sampler, training steps, samples, device): Gflops and mean / spread
+    of FID over seeds (a seed measured more than once counts once, with its last row)."""
+    per_seed: dict[tuple, dict] = {}
     for r in rows:
         if _num(r["fid"]) is not None and _num(r["gflops"]) is not None:
-            groups[(r["model"], r["provider"], r["sampler"], r["train_steps"], r["device"])].append(r)
+            per_seed[(r["model"], r["provider"], r["sampler"], r["train_steps"], r["num_samples"], r["device"], r["seed"])] = r
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for key, r in per_seed.items():
+        groups[key[:-1]].append(r)
     out = []
-    for (model, provider, sampler, steps, device), rs in groups.items():
+    for (model, provider, sampler, steps, _, device), rs in groups.items():
         fids = [_num(r["fid"]) for r in rs]
 
         def mean_of(col):
@@ -204,12 +208,13 @@ def plot_fid(fs: list[dict], plots_dir: str, plt) -> tuple[list[str], list[str]]
     """FID vs Gflops (log x), one series per (provider, training steps, sampler, device), error
     bars = seed-to-seed standard deviation; points labelled by the model's short name."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    series = sorted({(r["provider"], int(r["train_steps"]), r["sampler"], r["device"]) for r in fs}, key=lambda k: (k[0], k[1], k[2], k[3]))
+    steps_of = lambda r: _num(r["train_steps"]) or 0  # noqa: E731
+    series = sorted({(r["provider"], steps_of(r), r["sampler"], r["device"]) for r in fs})
     several = {"sampler": len({k[2] for k in series}) > 1, "device": len({k[3] for k in series}) > 1}  # say them when they vary
     for key in series:
         provider, steps, sampler, device = key
-        rs = sorted((r for r in fs if (r["provider"], int(r["train_steps"]), r["sampler"], r["device"]) == key), key=lambda r: r["gflops"])
-        label = ", ".join([provider, f"{steps} training steps"] + [sampler] * several["sampler"] + [device] * several["device"])
+        rs = sorted((r for r in fs if (r["provider"], steps_of(r), r["sampler"], r["device"]) == key), key=lambda r: r["gflops"])
+        label = ", ".join([provider, f"{steps:g} training steps"] + [sampler] * several["sampler"] + [device] * several["device"])
         ax.errorbar([r["gflops"] for r in rs], [r["fid"] for r in rs], yerr=[r["fid_std"] or 0 for r in rs],
                     marker="o" if provider != "reference" else "x", capsize=3, label=label, linestyle="-" if len(rs) > 1 else "none")  # fmt: skip
         for r in rs if provider != "reference" else []:  # the reference sits on a model already named

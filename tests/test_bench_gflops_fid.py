@@ -37,14 +37,17 @@ def test_study_trains_scores_and_resumes(tmp_path, inception_weights, capsys):
     text = capsys.readouterr().out
     assert "seed-to-seed spread" in text and os.path.isfile(str(tmp_path / "fid_samples_2steps.png"))
 
-    # a rerun reuses the trained models and the cached samples: the same scores, nothing retrained
+    # a rerun reuses the trained models and the measured rows: nothing retrained, no row twice
     export = os.path.join(work, "S-4", "ema.safetensors")
     stamp = os.stat(export).st_mtime_ns
     assert bench.main(TINY + ["--work", work, "--out", out]) == 0
-    assert os.stat(export).st_mtime_ns == stamp
-    again = _rows(out)[4:]
-    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
-    assert "training" not in capsys.readouterr().out
+    assert os.stat(export).st_mtime_ns == stamp and _rows(out) == rows
+    text = capsys.readouterr().out
+    assert "training" not in text and text.count("measured before") == 4
+    # more samples: new rows, scored on new samples, beside the old ones
+    assert bench.main(TINY + ["--num-samples", "7", "--seeds", "0", "--work", work, "--out", out]) == 0
+    new = _rows(out)[4:]
+    assert [(r["provider"], r["num_samples"]) for r in new] == [("ditfast", "7")] * 2 + [("reference", "7")]
 
 
 def test_a_work_folder_refuses_other_training_settings(tmp_path):
@@ -58,6 +61,8 @@ def test_a_work_folder_refuses_other_training_settings(tmp_path):
     (["--spread-model", "B/2"], "must be one of --models"),
     (["--num-samples", "1"], "num-samples >= 2"),
     (["--cfg-scale", "0.5"], "cfg-scale >= 1"),
+    (["--seeds", "0", "0"], "--seeds must differ"),
+    (["--ref-limit", "10"], "needs its own --out"),
 ])  # fmt: skip
 def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit):
