@@ -15,7 +15,8 @@ finished in ``--work``):
 3. Samples ``--num-samples`` images from each model's EMA weights with :func:`ditfast.sample`
    (no guidance, as the paper's scaling plots; class labels 0-9 in turn, matching the reference's
    class balance; ``--sampler`` with ``--sampling-steps``) and scores them: FID, sFID, precision
-   and recall (:mod:`ditfast.metrics`, the ADM evaluator's definitions).
+   and recall (:mod:`ditfast.metrics`, the ADM evaluator's definitions), and prints how often the
+   demo's digit classifier recognises the requested digit (an easier number to picture).
 4. For ``--spread-model``: the same FID for every seed of ``--seeds`` on the fast path (the
    seed-to-seed spread) and for the reference path (eager, official math, fp32/TF32) on the first
    seed. The fast path must not move FID by more than the seed-to-seed spread.
@@ -51,6 +52,7 @@ from _results import FID_FIELDS, RESULTS_DIR, append_rows, atomic_write, environ
 
 import ditfast  # noqa: E402
 from ditfast.data.digits import load_digits, pixels_to_uint8  # noqa: E402
+from ditfast.demo import DigitClassifier  # noqa: E402
 from ditfast.imageio import make_grid, save_png  # noqa: E402
 from ditfast.metrics import compute_activations, compute_statistics, frechet_distance, precision_recall  # noqa: E402
 from ditfast.metrics.npz import write_npz  # noqa: E402
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     grid_path = args.grid or f"{os.path.splitext(out)[0]}_samples_{args.steps}steps.png"
     ref = reference_activations(args)
     rows, grid, done = [], {}, measured(out)
+    classifier = DigitClassifier(16)  # as in `ditfast demo`: logistic regression on the real digits' pixels
     per_row = min(20, args.num_samples)
     for spec, provider, seed in runs(models, args):
         model = ditfast.load_model(exports[spec.name])
@@ -297,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row.update({k: f"{v:.4f}" for k, v in score(images, ref, args).items()}, **env)
             append_rows(out, [row], fields=FID_FIELDS)  # one by one: a crash keeps every finished row
+            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+            labels = torch.arange(len(images)) % 10  # ditfast.sample gave sample i the label i % 10
+            print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}; a digit classifier (held-out accuracy "
+                  f"{classifier.accuracy:.1%}) recognises the requested digit in {classifier.score(pixels, labels):.1%}")  # fmt: skip
         rows.append(row)
-        print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}")
     order = sorted(grid, key=lambda n: ditfast.gflops(ditfast.load_model(exports[n])))
     save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=per_row, pad=1, scale=3))
     print("\n".join(summarize(rows, args, device)))
