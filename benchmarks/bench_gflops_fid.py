@@ -39,6 +39,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec, provider, seed in runs(models, args):
         model = ditfast.load_model(exports[spec.name])
         env = environment(device)
+        env["device"] = re.sub(r" x\d+ threads$", "", env["device"])  # CPU threads change speed, not samples
         row = dict(model=spec.describe(), gflops=f"{ditfast.gflops(model):.5f}", num_samples=str(args.num_samples),
                    train_steps=str(args.steps), sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}",
                    provider=provider, seed=str(seed), device=env["device"])  # fmt: skip
