@@ -4,7 +4,7 @@
                                           [--work runs/gflops_fid] [--out benchmarks/results/gflops_fid_cpu.csv]
 
 What it does, in order (every stage is resumable: rerunning with the same settings reuses what is
-finished in ``--work``):
+finished in ``--work``, and a row already in ``--out`` is not measured again):
 
 1. Trains each model (:data:`MODELS`: two widths x two patch sizes, like the paper's S/B x 4/2
    grid, shrunk for 16x16x1 digits) with :func:`ditfast.train.train` on the bundled digits, all
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inception-batch", type=int, default=64)
     p.add_argument("--ref-limit", type=int, default=0, help="use only the first N real digits as the reference (0: all; for smoke tests)")
     p.add_argument("--work", default=os.path.join("runs", "gflops_fid"), help="checkpoints, samples and caches")
-    p.add_argument("--out", default=None, help="results CSV (default: results/gflops_fid_{gpu|cpu}.csv)")
+    p.add_argument("--out", default=None, help="results CSV (default: benchmarks/results/gflops_fid_{gpu|cpu}.csv); rows "
+                   "already in it are not measured again: give another file to re-measure after a code change")
     p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out, named by --steps)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
