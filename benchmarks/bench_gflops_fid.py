@@ -186,14 +186,14 @@ def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argpa
     return images
 
 
-def score(images: np.ndarray, ref: tuple[np.ndarray, np.ndarray], args: argparse.Namespace) -> dict:
+def score(images: np.ndarray, ref: tuple, args: argparse.Namespace) -> dict:
+    """FID, sFID, precision, recall of ``images`` against ``ref`` = (pool features, pool statistics,
+    spatial statistics) of the real digits, computed once by the caller."""
+    ref_pool, ref_stats, ref_stats_s = ref
     pool, spatial = compute_activations(images, batch_size=args.inception_batch, progress=not args.no_progress)
-    mu, sigma = compute_statistics(pool)
-    mu_r, sigma_r = compute_statistics(ref[0])
-    mu_s, sigma_s = compute_statistics(spatial)
-    mu_rs, sigma_rs = compute_statistics(ref[1])
-    prec, rec = precision_recall(ref[0], pool)
-    return dict(fid=frechet_distance(mu, sigma, mu_r, sigma_r), sfid=frechet_distance(mu_s, sigma_s, mu_rs, sigma_rs), precision=prec, recall=rec)
+    prec, rec = precision_recall(ref_pool, pool)
+    return dict(fid=frechet_distance(*compute_statistics(pool), *ref_stats),
+                sfid=frechet_distance(*compute_statistics(spatial), *ref_stats_s), precision=prec, recall=rec)  # fmt: skip
 
 
 ROW_KEY = ("model", "provider", "seed", "sampler", "num_samples", "train_steps", "device")
@@ -280,15 +280,16 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or os.path.join(RESULTS_DIR, f"gflops_fid_{'gpu' if cuda else 'cpu'}.csv")
     grid_path = args.grid or f"{os.path.splitext(out)[0]}_samples_{args.steps}steps.png"
-    ref = reference_activations(args)
+    ref_pool, ref_spatial = reference_activations(args)
+    ref = (ref_pool, compute_statistics(ref_pool), compute_statistics(ref_spatial))
+    flops = {m.name: ditfast.gflops(ditfast.load_model(exports[m.name])) for m in models}
     rows, grid, done = [], {}, measured(out)
     classifier = DigitClassifier(16)  # as in `ditfast demo`: logistic regression on the real digits' pixels
     per_row = min(20, args.num_samples)
     for spec, provider, seed in runs(models, args):
-        model = ditfast.load_model(exports[spec.name])
         env = environment(device)
         env["device"] = re.sub(r" x\d+ threads$", "", env["device"])  # CPU threads change speed, not samples
-        row = dict(model=spec.describe(), gflops=f"{ditfast.gflops(model):.5f}", num_samples=str(args.num_samples),
+        row = dict(model=spec.describe(), gflops=f"{flops[spec.name]:.5f}", num_samples=str(args.num_samples),
                    train_steps=str(args.steps), sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}",
                    provider=provider, seed=str(seed), device=env["device"])  # fmt: skip
         key = tuple(row[k] for k in ROW_KEY)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}; a digit classifier (held-out accuracy "
                   f"{classifier.accuracy:.1%}) recognises the requested digit in {classifier.score(pixels, labels):.1%}")  # fmt: skip
         rows.append(row)
-    order = sorted(grid, key=lambda n: ditfast.gflops(ditfast.load_model(exports[n])))
+    order = sorted(grid, key=flops.get)
     save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=per_row, pad=1, scale=3))
     print("\n".join(summarize(rows, args, device)))
     print(f"{len(rows)} rows in {out}; samples (one row per model, by Gflops: {', '.join(order)}) in {grid_path}")

@@ -248,9 +248,9 @@ class SamplingEngine:
         n, B = len(z), self.batch_size
         if not 1 <= n <= B or len(labels) != n:
             raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.model.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.model.num_classes - 1}], got values in "
-                             f"[{int(labels.min())}, {int(labels.max())}]")  # fmt: skip
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= self.model.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.model.num_classes - 1}], got values in [{lo}, {hi}]")
         if tuple(z.shape[1:]) != tuple(self.x.shape[1:]):
             raise ValueError(f"initial noise must be (n, {', '.join(map(str, self.x.shape[1:]))}), got {tuple(z.shape)}")
         if self.plan.stochastic and (noise is None or tuple(noise.shape) != (self.plan.steps, n, *self.x.shape[1:])):
