@@ -6,18 +6,23 @@ The C++ ops are always built (a CppExtension). The CUDA ops are added (a CUDAExt
 Environment knobs:
   FORCE_CUDA=1             build the CUDA ops even if no GPU/CUDA torch is visible at build time
   DITFAST_SKIP_EXT=1       build no extension at all (pure-PyTorch fallbacks are used)
-  TORCH_CUDA_ARCH_LIST     GPU architectures, e.g. "8.0;9.0" (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST     GPU architectures, e.g. "8.0;9.0" (default: csrc/build_flags.json)
   MAX_JOBS                 parallel compile jobs (read by torch's ninja build)
+
+Compiler flags live in ``csrc/build_flags.json``, which CI's nvcc check reads too.
 
 Install with ``pip install --no-build-isolation .`` so the build sees the torch you run with.
 """
 
 import glob
+import json
 import os
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(ROOT, "csrc", "build_flags.json")) as f:
+    FLAGS = json.load(f)
 
 
 def _flag(name: str) -> bool:
@@ -34,15 +39,15 @@ def _extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20"]
+    cxx = FLAGS["cxx"]
     with_cuda = _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", FLAGS["cuda_arch_list"])
         ext = CUDAExtension(
             "ditfast._C",
             sources + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu"),
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": FLAGS["nvcc"]},
         )
     else:
         ext = CppExtension("ditfast._C", sources, extra_compile_args={"cxx": cxx})

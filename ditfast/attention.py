@@ -353,9 +353,11 @@ def _all_reasons(problem: AttentionProblem, candidates: list[str]) -> str:
 _CHOICES: dict[tuple, str] = {}
 
 
-@torch.compiler.assume_constant_result
 def _choose(device: str, dtype: torch.dtype, num_heads: int, head_dim: int, needs_grad: bool, backend: str) -> str:
-    """The backend name for this problem (a plain function of constants, so torch.compile folds it)."""
+    """The backend name for this problem: a plain function of constants, which torch.compile traces
+    and folds without a graph break (tests/test_attention.py compiles it with an empty cache). Not
+    marked ``torch.compiler.assume_constant_result``: that imports torch._dynamo, 2-3 s of every
+    ``import ditfast``."""
     env = os.environ.get(ENV_VAR) if backend == "auto" else None
     key = (device, dtype, num_heads, head_dim, needs_grad, backend, env, tuple(priority(device.partition(":")[0])))
     chosen = _CHOICES.get(key)

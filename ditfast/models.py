@@ -92,8 +92,10 @@ class TimestepEmbedder(nn.Module):
         return timestep_embedding_ref(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256)
-        return self.mlp(t_freq)  # (B, D)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
+        # in the MLP's dtype (a no-op for fp32 weights, as in the official model; lets a model cast to
+        # float64 or to bf16 without autocast run)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
 class LabelEmbedder(nn.Module):

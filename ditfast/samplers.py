@@ -145,23 +145,23 @@ def _dpm_solver_plan(steps: int, learned_sigma: bool, clip_denoised: bool) -> Pl
 
 def update(plan: Plan, x: torch.Tensor, model_out: torch.Tensor, c: torch.Tensor, noise: torch.Tensor | None = None,
            x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One sampler step: x (B, C, H, W) float32 at step k -> (x at step k+1, the x0 prediction).
+    """One sampler step: x (B, C, H, W) float32 (or float64) at step k -> (x at step k+1, the x0 prediction).
 
     ``model_out`` (B, C_out, H, W): the (guided) model output at step k, eps in channels [:C] and,
-    with a learned sigma, the variance interpolation v in [C:2C]. ``c`` (K,) float32: the step's
-    row of ``plan.coefs``. ``noise`` (B, C, H, W): the step's standard normal draw (stochastic
-    plans). ``x0_prev`` (B, C, H, W): the previous step's x0 prediction (DPM-Solver++; zeros at
+    with a learned sigma, the variance interpolation v in [C:2C], taken in x's dtype. ``c`` (K,):
+    the step's row of ``plan.coefs`` in x's dtype. ``noise`` (B, C, H, W): the step's standard
+    normal draw (stochastic plans). ``x0_prev`` (B, C, H, W): the previous step's x0 prediction (DPM-Solver++; zeros at
     step 0, where its coefficient is 0). Pure: reads its arguments, allocates the results.
     """
     C = x.shape[1]
-    eps = model_out[:, :C].float()
+    eps = model_out[:, :C].to(x.dtype)
     x0 = c[0] * x - c[1] * eps
     if plan.clip_denoised:
         x0 = x0.clamp(-1, 1)
     if plan.sampler == "ddpm":
         mean = c[2] * x0 + c[3] * x
         if plan.learned_sigma:
-            frac = (model_out[:, C:].float() + 1) / 2
+            frac = (model_out[:, C:].to(x.dtype) + 1) / 2
             log_var = frac * c[5] + (1 - frac) * c[4]
         else:
             log_var = c[4]

@@ -54,7 +54,10 @@ from .train import _generator, describe
 
 __all__ = ["SampleConfig", "SamplingEngine", "Generated", "sample", "run", "index_noise", "index_labels", "main"]
 
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "fp64" is a reference mode (model, state and sampler arithmetic in float64): slow, but free of the
+# float32 rounding that differs with BLAS blocking, so it checks properties such as batch-size independence.
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+              "fp64": torch.float64}  # fmt: skip
 MODES = ("auto", "eager", "graph", "compile")
 OUTPUT = "samples.npz"
 MANIFEST = "sample_config.json"
@@ -136,7 +139,8 @@ class SamplingEngine:
     channels with ``guide_all_channels``); 1 runs the plain conditional model on the batch.
     ``mode``: "eager", "graph" (CUDA only: captured on the first :meth:`run`) or "compile".
 
-    Static buffers (shapes fixed at construction): ``x`` (B, C, H, W) float32 state, ``x0_prev``
+    Static buffers (shapes fixed at construction): ``x`` (B, C, H, W) float32 state (float64 with
+    precision "fp64"), ``x0_prev``
     (DPM-Solver++), ``noise`` (S, B, C, H, W) (stochastic plans), ``y`` (B or 2B,) labels, ``k``
     (1,) int64 step counter, and the plan's ``timesteps`` (S,) and ``coefs`` (S, K) on the device.
     """
@@ -166,12 +170,13 @@ class SamplingEngine:
             _check_cfg_model(model, guide_all_channels)
         B, C, H = batch_size, model.in_channels, model.input_size
         self.batch_size, self.rows = B, (2 * B if self.guided else B)
-        self.x = torch.zeros(B, C, H, H, device=device)
+        state = torch.float64 if self.dtype == torch.float64 else torch.float32  # the sampler's state and arithmetic
+        self.x = torch.zeros(B, C, H, H, device=device, dtype=state)
         self.x0_prev = torch.zeros_like(self.x) if plan.multistep else None
-        self.noise = torch.zeros(plan.steps, B, C, H, H, device=device) if plan.stochastic else None
+        self.noise = torch.zeros(plan.steps, B, C, H, H, device=device, dtype=state) if plan.stochastic else None
         self.y = torch.zeros(self.rows, dtype=torch.int64, device=device)
         self.k = torch.zeros(1, dtype=torch.int64, device=device)
-        self.timesteps, self.coefs = plan.timesteps.to(device), plan.coefs.to(device)
+        self.timesteps, self.coefs = plan.timesteps.to(device), plan.coefs.to(device, state)
         with torch.no_grad(), _matmul_precision(precision), self._autocast():
             table = model.t_embedder(self.timesteps)  # (S, D): the timestep embedding of every step, once
         self.model = _with_module(model, "t_embedder", _StepEmbedding(table, self.k))
@@ -196,8 +201,8 @@ class SamplingEngine:
         return update(self.plan, x, out, c, step_noise, x0_prev)
 
     def _autocast(self):
-        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32."""
-        lowp = self.dtype != torch.float32
+        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32/fp64."""
+        lowp = self.dtype in (torch.bfloat16, torch.float16)
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False)
 
     def _step(self) -> None:
@@ -244,7 +249,8 @@ class SamplingEngine:
         """Sample n <= batch_size images: ``z`` (n, C, H, W) initial noise, ``labels`` (n,),
         ``noise`` (S, n, C, H, W) per-step noise (stochastic plans). Returns the final (n, C, H, W)
         float32 on the model's device. Rows past n are padding (zeros, label 0): every batch has
-        the same shape, so the kernels and their numerics do not depend on n."""
+        the same shape, so the kernels and their numerics do not depend on n. (float64 with
+        precision "fp64".)"""
         n, B = len(z), self.batch_size
         if not 1 <= n <= B or len(labels) != n:
             raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
@@ -306,7 +312,7 @@ class SampleConfig:
     guide_all_channels: bool = False
     clip_denoised: bool = False
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16 | fp64 (reference)
     batch_size: int = 32
     mode: str = "auto"  # auto (graph on CUDA, eager on CPU) | eager | graph | compile
     backend: str = "auto"  # adaLN ops of the model
@@ -442,7 +448,7 @@ class _Job:
         return labels, z, noise
 
     def batches(self, indices: list[int], bar=None):
-        """Yield (indices, labels, latents (n, C, H, W) float32 CPU, images uint8 NHWC CPU or None)."""
+        """Yield (indices, labels, latents (n, C, H, W) float32 (fp64: float64) CPU, images uint8 NHWC CPU or None)."""
         B = self.cfg.batch_size
         chunks = [indices[s : s + B] for s in range(0, len(indices), B)]
         self.engine.prepare()  # capture before the prefetch thread starts
@@ -457,7 +463,7 @@ class _Job:
                     bar.update(len(idx))
 
     def _finish(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Final x on the device -> (latents float32 CPU, images uint8 NHWC CPU or None)."""
+        """Final x on the device -> (latents CPU in the state dtype, images uint8 NHWC CPU or None)."""
         images = None
         if self.vae is not None:
             from .vae import decode
@@ -486,7 +492,7 @@ def _progress(cfg: SampleConfig, total: int, enabled: bool):
 class Generated:
     """What :func:`sample` returns."""
 
-    latents: torch.Tensor  # (N, C, H, W) float32: the sampler's final x (model space)
+    latents: torch.Tensor  # (N, C, H, W) float32 (float64 with precision "fp64"): the sampler's final x (model space)
     labels: torch.Tensor  # (N,) int64
     images: torch.Tensor | None  # (N, H', W', 3 or 1) uint8 (ADM convention) when the output is pixels
 
@@ -596,7 +602,7 @@ def _prepare_out(cfg: SampleConfig) -> None:
 
 def _write_shard(cfg: SampleConfig, start: int, end: int, outputs: list, pixels: bool) -> None:
     labels = torch.cat([o[1] for o in outputs]).numpy()
-    data = torch.cat([o[3] if pixels else o[2] for o in outputs]).numpy()
+    data = torch.cat([o[3] if pixels else o[2].float() for o in outputs]).numpy()  # latents: float32, as documented
     if pixels and cfg.png:
         for offset, image in enumerate(data):
             save_png(os.path.join(cfg.out, "images", f"{start + offset:06d}.png"), torch.from_numpy(image))
@@ -735,7 +741,7 @@ def build_parser(prog: str = "ditfast sample") -> argparse.ArgumentParser:
     p.add_argument("--guide-all-channels", action="store_true", help="guide all eps channels (diffusers) instead of the official first 3")
     p.add_argument("--clip-denoised", action="store_true", help="clamp the x0 prediction to [-1, 1] (pixel-space models)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU; fp64 is a slow reference mode")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, before CFG doubling")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="auto: graph on CUDA, eager on CPU")
     p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="adaLN ops of the model")

@@ -138,6 +138,15 @@ def _generator(seed: int, *stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(state)
 
 
+def _check_labels(y: torch.Tensor, data: Samples, idx: torch.Tensor) -> None:
+    """Raise ValueError unless the batch's labels (a CPU tensor, so no device sync) lie in
+    [0, num_classes)."""
+    bad = (y < 0) | (y >= data.num_classes)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{data.name}: sample {int(idx[i])} has label {int(y[i])}, expected one in [0, {data.num_classes - 1}]")
+
+
 class _Order:
     """The sample order: one seeded permutation per epoch, concatenated."""
 
@@ -219,6 +228,9 @@ def train(cfg: TrainConfig) -> dict:
 
         vae = load_vae(cfg.vae, device)
     model = build_model(cfg, data, device)
+    # The labels are checked on the CPU, before each batch is copied over (_check_labels): the
+    # model's own check would read min/max back from the device, a host sync on every step.
+    model.check_label_range = False
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     diffusion = create_diffusion(timestep_respacing="")
@@ -273,6 +285,7 @@ def train(cfg: TrainConfig) -> dict:
         idx = order.take(step * cfg.global_batch, cfg.global_batch)[lo:hi]
         flips = torch.rand(cfg.global_batch, generator=g)[lo:hi] < 0.5
         x, y = data.get(idx, flips if flip_on else None)
+        _check_labels(y, data, idx)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if vae is not None:
             x = encode(vae, x, generator=None)

@@ -36,3 +36,14 @@ def test_data_files_are_listed():
             shipped |= {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(base, pattern))}
     needed = {os.path.relpath(p, ROOT) for ext in ("npz", "safetensors", "json") for p in glob.glob(os.path.join(ROOT, "ditfast", "**", f"*.{ext}"), recursive=True)}
     assert needed and needed <= shipped, f"not in package_data: {sorted(needed - shipped)}"
+
+
+def test_import_does_not_load_the_compiler_stack():
+    """``import ditfast`` stays close to ``import torch`` (benchmarks/bench_import.py measures it):
+    nothing imports torch._dynamo (2-3 s on the CPU machine) or triton at import time."""
+    import subprocess
+    import sys
+
+    code = "import sys, ditfast; print(sorted(m for m in ('torch._dynamo', 'triton', 'scipy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"import ditfast loaded {out}"

@@ -248,15 +248,46 @@ def test_noise_and_labels_depend_only_on_seed_and_index():
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
-def test_samples_do_not_depend_on_the_batch_size(sampler):
+def test_samples_do_not_depend_on_the_batch_size(sampler, monkeypatch):
+    """By construction, not by tolerance: every sample gets bit-identical inputs (initial noise,
+    per-step noise, label) whatever the batch size; the samples then agree to float64 rounding.
+    (In float32 they need not: BLAS blocks a GEMM differently for other row counts, differences of
+    1e-6 that a solver can amplify to 1e-4, and which change with the thread count.)"""
+    fed = []  # (z, labels, noise) of every engine.run call
+    real_run = SamplingEngine.run
+
+    def recording_run(self, z, labels, noise=None):
+        fed.append((z.clone(), labels.clone(), None if noise is None else noise.clone()))
+        return real_run(self, z, labels, noise)
+
+    monkeypatch.setattr(SamplingEngine, "run", recording_run)
     model = tiny_dit(2)
-    kw = dict(num_samples=5, sampler=sampler, steps=4, cfg_scale=1.5, seed=11)
-    one = ditfast.sample(model, batch_size=5, **kw)
-    two = ditfast.sample(model, batch_size=2, **kw)
-    assert torch.equal(one.labels, two.labels) and one.images is None
-    assert_close(two.latents, one.latents, rtol=1e-5, atol=1e-5, what=f"{sampler}: batch 2 vs batch 5")
-    head = ditfast.sample(model, batch_size=2, **{**kw, "num_samples": 2})  # the first two of the same run
-    assert_close(head.latents, one.latents[:2], rtol=1e-5, atol=1e-5, what="prefix of the run")
+    kw = dict(num_samples=5, sampler=sampler, steps=4, cfg_scale=1.5, seed=11, precision="fp64")
+    inputs = {}
+    outputs = {}
+    for batch_size, num in ((5, 5), (2, 5), (2, 2)):  # (2, 2): the first two samples of the same run
+        fed.clear()
+        outputs[batch_size, num] = ditfast.sample(model, batch_size=batch_size, **{**kw, "num_samples": num})
+        assert [len(z) for z, _, _ in fed] == [min(batch_size, num - s) for s in range(0, num, batch_size)]
+        z, labels, noise = (torch.cat(parts, dim=d) if parts[0] is not None else None
+                            for parts, d in zip(zip(*fed), (0, 0, 1)))  # fmt: skip
+        inputs[batch_size, num] = (z, labels, noise)
+    one, two, head = outputs[5, 5], outputs[2, 5], outputs[2, 2]
+    z5, labels5, noise5 = inputs[5, 5]
+    for key in ((2, 5), (2, 2)):
+        z, labels, noise = inputs[key]
+        n = len(z)
+        assert torch.equal(z, z5[:n]) and torch.equal(labels, labels5[:n]), f"batch {key}: other draws"
+        assert (noise is None) == (sampler != "ddpm") and (noise is None or torch.equal(noise, noise5[:, :n]))
+    assert z5.std() > 0.5 and len(set(labels5.tolist())) > 1  # real draws, not zeros
+    assert one.latents.dtype == torch.float64 and one.latents.abs().max() > 0.5 and one.images is None
+    assert torch.equal(one.labels, two.labels)
+    assert_close(two.latents, one.latents, what=f"{sampler}: batch 2 vs batch 5 (float64)")
+    assert_close(head.latents, one.latents[:2], what="prefix of the run (float64)")
+    # float32 agrees with the float64 reference to float32 accuracy (the engine's state is float32)
+    fp32 = ditfast.sample(model, batch_size=2, **{**kw, "precision": "fp32"})
+    assert fp32.latents.dtype == torch.float32
+    assert max_rel_error(fp32.latents, one.latents) < 1e-3
 
 
 class FakeVAE:

@@ -133,3 +133,28 @@ def test_bad_data_is_refused_before_training(tmp_path, capsys):
         open_data(cfg_for(tmp_path, data=str(tmp_path / "broken")))
     with pytest.raises(ValueError, match="resume checkpoint not found"):
         train(cfg_for(tmp_path, steps=1, resume=str(tmp_path / "nope.pt")))
+
+
+def test_training_steps_read_nothing_back_from_the_device_for_labels(tmp_path, monkeypatch):
+    """The model's label check (a device-to-host read of min/max) is off while training; the trainer
+    checks each batch's labels on the CPU instead, before the copy."""
+    import ditfast.models
+    import ditfast.train as train_mod
+    from ditfast.data import _in_memory
+
+    seen = []
+    real = ditfast.models.DiT._check_inputs
+
+    def spy(self, x, t, y):
+        seen.append(self.check_label_range)
+        return real(self, x, t, y)
+
+    monkeypatch.setattr(ditfast.models.DiT, "_check_inputs", spy)
+    train(cfg_for(tmp_path, steps=2))
+    assert seen and not any(seen), f"the model checked label ranges on {sum(seen)} of {len(seen)} forwards"
+
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    y[13] = 10  # one label outside [0, 10)
+    monkeypatch.setattr(train_mod, "open_data", lambda cfg: _in_memory("bad", x, y, 10, flip_ok=False))
+    with pytest.raises(ValueError, match=r"bad: sample 13 has label 10, expected one in \[0, 9\]"):
+        train(cfg_for(tmp_path / "b", steps=2, global_batch=16))
