@@ -104,12 +104,15 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"], help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--backends", nargs="*", default=None, help=f"subset of {list(attn.BACKENDS)} (default: all that fit)")
     parser.add_argument("--no-backward", action="store_true", help="time the forward only")
+    parser.add_argument("--quick", action="store_true", help="GPU: only DiT-XL/2 at N=256 (B 64) and N=1024 (B 32), head dim 72")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     cases = GPU_CASES if cuda else CPU_CASES
+    if cuda and args.quick:
+        cases = [c for c in GPU_CASES if c[0] in ("DiT-XL/2 256px", "DiT-XL/2 512px")]
     if not cuda:
         print("no CUDA device: timing torch's CPU attention on small fp32 shapes; these numbers mean nothing for GPUs")
     out_path = args.out or os.path.join("results", f"attention_{'gpu' if cuda else 'cpu'}.csv")

@@ -10,6 +10,7 @@ __all__ = ["main", "COMMANDS"]
 # command -> (module whose main(argv) runs it, one-line help). Modules load only when used.
 COMMANDS = {
     "info": ("ditfast.info", "print versions, the device and which compiled ops and kernels are available"),
+    "check": ("ditfast.check", "run every fast op this device supports against its float64 reference; a table, exit 1 on a failure"),
     "demo": ("ditfast.demo", "sample a grid of digits with the bundled model; print speed and quality"),
     "train": ("ditfast.train", "train a DiT (bundled digits, an image folder or latent shards)"),
     "extract-latents": ("ditfast.extract", "encode an image folder with a VAE into latent shards for training"),

@@ -1,0 +1,275 @@
+"""``ditfast check`` (also ``python -m ditfast.check``): every fast op this device supports, run at
+real shapes against its float64 reference; a table, and a non-zero exit on any failure.
+
+    ditfast check [--json OUT.json] [--small]
+
+Checked: the fused adaLN ops forward and backward (Triton), every attention backend that can run
+here forward and backward, the compiled patch ops and timestep embedding (``ditfast._C``), and on
+CUDA one captured CUDA-graph sampling step against the same step run eagerly. On a GPU the shapes
+are DiT-XL/2's (D 1152, 256 tokens, 16 heads of 72; head dim 64 as in DiT-B too); on a CPU (or
+with ``--small``) small shapes, the Triton kernels under Triton's interpreter. What cannot be
+checked here is listed with the reason: a user with a GPU runs this first.
+
+Error: ``max|out - ref| / max|ref|`` against the op's plain-PyTorch reference in float64 on the same
+inputs (for backward: every input gradient for one random output gradient, the worst one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["Result", "TOLERANCE", "run_checks", "main"]
+
+# Largest allowed error relative to the reference's scale, per dtype and pass. fp32 is checked with
+# TF32 off (that is a separate, opt-in precision).
+TOLERANCE = {
+    ("fwd", torch.float32): 2e-5, ("bwd", torch.float32): 1e-4,
+    ("fwd", torch.bfloat16): 2e-2, ("bwd", torch.bfloat16): 4e-2,
+    ("fwd", torch.float16): 4e-3, ("bwd", torch.float16): 8e-3,
+}  # fmt: skip
+
+
+@dataclass
+class Result:
+    op: str
+    backend: str
+    shape: str
+    dtype: str
+    error: float | None  # None: not checked (see note)
+    tolerance: float | None
+    ok: bool | None  # None: not checked
+    note: str = ""
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _rel(a: torch.Tensor, e: torch.Tensor) -> float:
+    a, e = a.detach().double(), e.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def _outputs(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def compare(op: str, backend: str, shape: str, fn: Callable, ref: Callable, inputs: Sequence[torch.Tensor],
+            dtype: torch.dtype, backward: bool = True, fwd_tolerance: float | None = None) -> list[Result]:  # fmt: skip
+    """Run ``fn`` on ``inputs`` cast to ``dtype`` and ``ref`` on them in float64; forward error and,
+    with ``backward``, the worst input-gradient error for one random output gradient.
+    ``fwd_tolerance`` overrides the dtype's forward tolerance."""
+    xs = [t.detach().to(dtype).requires_grad_(backward) for t in inputs]
+    rs = [t.detach().to(dtype).double().requires_grad_(backward) for t in inputs]  # the same values
+    outs, refs = _outputs(fn(*xs)), _outputs(ref(*rs))
+    fwd = max(_rel(o, r) for o, r in zip(outs, refs))
+    tol = TOLERANCE["fwd", dtype] if fwd_tolerance is None else fwd_tolerance
+    rows = [Result(op, backend, shape, _name(dtype), fwd, tol, fwd <= tol)]
+    if backward:
+        grads_out = [torch.randn_like(r) for r in refs]
+        got = torch.autograd.grad(outs, xs, [g.to(o.dtype) for g, o in zip(grads_out, outs)], allow_unused=True)
+        want = torch.autograd.grad(refs, rs, grads_out, allow_unused=True)
+        bwd = max(_rel(g, w) for g, w in zip(got, want) if w is not None)
+        rows.append(Result(f"{op} backward", backend, shape, _name(dtype), bwd, TOLERANCE["bwd", dtype], bwd <= TOLERANCE["bwd", dtype]))
+    return rows
+
+
+def _skip(op: str, backend: str, shape: str, dtype: str, why: str) -> Result:
+    return Result(op, backend, shape, dtype, None, None, None, why)
+
+
+# ------------------------------------------------------------------------------------------
+# The checks
+# ------------------------------------------------------------------------------------------
+
+
+def check_adaln(device: torch.device, small: bool) -> list[Result]:
+    from . import ops
+
+    B, N, D = (2, 17, 64) if small else (4, 256, 1152)
+    dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16]
+    shape = f"B{B} N{N} D{D}"
+    reason = ops.triton_status(device)
+    if reason is not None:
+        return [_skip("adaln", "triton", shape, "-", f"not checked: {reason}")]
+    rows = []
+    for dtype in dtypes:
+        x, y = torch.randn(B, N, D, device=device), torch.randn(B, N, D, device=device)
+        gate, shift, scale = (0.5 * torch.randn(B, D, device=device) for _ in range(3))
+        rows += compare("adaln_layernorm", "triton", shape, ops.adaln_layernorm, ops.adaln_layernorm_ref, (x, shift, scale), dtype)
+        rows += compare("gated_residual_adaln", "triton", shape, ops.gated_residual_adaln, ops.gated_residual_adaln_ref,
+                        (x, y, gate, shift, scale), dtype)  # fmt: skip
+        rows += compare("gated_residual", "triton", shape, ops.gated_residual, ops.gated_residual_ref, (x, y, gate), dtype)
+    return rows
+
+
+def check_attention(device: torch.device, small: bool) -> list[Result]:
+    from .attention import BACKENDS, AttentionProblem
+    from .ops import packed_attention_ref
+
+    cases = [(1, 17, 2, 72)] if small else [(4, 256, 16, 72), (4, 1024, 16, 72), (4, 256, 12, 64)]
+    dtypes = [torch.float32] if small else [torch.bfloat16, torch.float16, torch.float32]
+    rows = []
+    for B, N, H, Dh in cases:
+        shape = f"B{B} N{N} H{H} Dh{Dh}"
+        for dtype in dtypes:
+            qkv = torch.randn(B, N, 3 * H * Dh, device=device)
+            problem = AttentionProblem(str(device), dtype, H, Dh, needs_grad=True)
+            for name, backend in BACKENDS.items():
+                reasons = backend.not_supported_reasons(problem)
+                if reasons:
+                    rows.append(_skip("attention", name, shape, _name(dtype), "not checked: " + "; ".join(reasons)))
+                    continue
+                fn = lambda q, b=backend, h=H: b(q, h, Dh**-0.5)  # noqa: E731
+                ref = lambda q, h=H: packed_attention_ref(q, h, Dh**-0.5)  # noqa: E731
+                rows += compare("attention", name, shape, fn, ref, (qkv,), dtype)
+    return rows
+
+
+def check_patch_ops(device: torch.device, small: bool) -> list[Result]:
+    from . import ops
+    from ._ext import extension_error, op_available
+
+    B, C, S, p, D = (2, 4, 8, 2, 64) if small else (8, 4, 32, 2, 1152)
+    shape = f"B{B} C{C} {S}x{S} p{p} D{D}"
+    if not op_available(device):
+        why = extension_error() or f"ditfast._C was built without {device.type.upper()} ops"
+        return [_skip("patch ops", "ditfast._C", shape, "-", f"not checked: {why}")]
+    rows = []
+    dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16]
+    T, out = (S // p) ** 2, 2 * C
+    for dtype in dtypes:
+        x, w, b = torch.randn(B, C, S, S, device=device), 0.2 * torch.randn(D, C, p, p, device=device), torch.randn(D, device=device)
+        pos = torch.randn(1, T, D, device=device)
+        rows += compare("patch_embed", "ditfast._C", shape, ops.patch_embed, ops.patch_embed_ref, (x, w, b, pos), dtype)
+        tokens = torch.randn(B, T, p * p * out, device=device)
+        rows += compare("unpatchify", "ditfast._C", shape, lambda t: ops.unpatchify(t, p, out),
+                        lambda t: ops.unpatchify_ref(t, p, out), (tokens,), dtype)  # fmt: skip
+        rows += compare("unpatchify_cfg", "ditfast._C", shape, lambda t: ops.unpatchify_cfg(t, p, out, 4.0),
+                        lambda t: ops.unpatchify_cfg_ref(t, p, out, 4.0), (tokens,), dtype, backward=False)  # fmt: skip
+    # Arguments t * f reach 999 rad, where one float32 ulp is 6.1e-5: float32 implementations that
+    # round the frequencies differently differ by about that much, so 1e-4. (Fast-math sin/cos
+    # would be far off; CI also checks the build uses none, tests/csrc/test_build_flags.py.)
+    t = torch.linspace(0, 999, 2 * B, device=device)
+    rows += compare("timestep_embedding", "ditfast._C", f"B{2 * B} dim256", lambda v: ops.timestep_embedding(v, 256),
+                    lambda v: ops.timestep_embedding_ref(v, 256), (t,), torch.float32, backward=False,
+                    fwd_tolerance=1e-4)  # fmt: skip
+    return rows
+
+
+def check_graph_step(device: torch.device, small: bool) -> list[Result]:
+    """A captured CUDA-graph sampling run (4 steps) against the same engine run eagerly."""
+    shape = "DiT-S/2 8x8 B2" if small else "DiT-B/2 32x32 B8"
+    if device.type != "cuda":
+        return [_skip("sampling step", "cuda graph", shape, "-", "not checked: CUDA graphs need a CUDA device")]
+    from .models import DiT_models
+    from .samplers import make_plan
+    from .sampling import SamplingEngine, index_labels, index_noise
+
+    name, side, B = ("DiT-S/2", 8, 2) if small else ("DiT-B/2", 32, 8)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiT_models[name](input_size=side, num_classes=1000).eval().requires_grad_(False)
+    with torch.no_grad():  # the official init zeroes adaLN and the output layer: every weight random instead
+        for pname, p in model.named_parameters():
+            if pname != "pos_embed":
+                p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.02))
+    plan = make_plan("ddim", 4, eta=1.0)  # stochastic: the graph also reads the per-step noise buffer
+    labels = index_labels(0, range(B), 1000)
+    z, noise = index_noise(0, range(B), (4, side, side), steps=plan.steps)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        results = {}
+        for mode in ("eager", "graph"):
+            engine = SamplingEngine(model, plan, batch_size=B, cfg_scale=4.0, precision=precision, mode=mode)
+            results[mode] = engine.run(z.to(device), labels.to(device), noise.to(device))
+        err = _rel(results["graph"], results["eager"])
+        tol = 1e-6  # the same kernels on the same buffers: graph replay should be exact or nearly
+        rows.append(Result("sampling step x4 (graph vs eager)", "cuda graph", shape, precision, err, tol, err <= tol))
+    return rows
+
+
+CHECKS = {"adaln": check_adaln, "attention": check_attention, "patch ops": check_patch_ops, "graph step": check_graph_step}
+
+
+def run_checks(device: torch.device | str | None = None, small: bool | None = None, only: Sequence[str] | None = None) -> list[Result]:
+    """Every check on ``device`` (default: CUDA if available, else CPU); small shapes on the CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    small = device.type != "cuda" if small is None else small
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
+    rows = []
+    try:
+        torch.manual_seed(0)
+        for name, check in CHECKS.items():
+            if only and name not in only:
+                continue
+            try:
+                rows += check(device, small)
+            except Exception as exc:  # a crash is a failure of that check, and the others still run
+                rows.append(Result(name, "-", "-", "-", None, None, False, f"crashed: {type(exc).__name__}: {exc}"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return rows
+
+
+def format_table(rows: list[Result]) -> str:
+    head = ("op", "backend", "shape", "dtype", "max error", "tolerance", "ok")
+    body = [(r.op, r.backend, r.shape, r.dtype, "-" if r.error is None else f"{r.error:.2e}",
+             "-" if r.tolerance is None else f"{r.tolerance:.0e}",
+             {True: "ok", False: "FAIL", None: "skip"}[r.ok] + (f"  {r.note}" if r.note else ""))
+            for r in rows]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    widths[-1] = 0  # last column unpadded
+    return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(line, widths)).rstrip() for line in (head, *body))
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Through a temporary file in the same folder and a rename: never a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ditfast check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--small", action="store_true", help="small shapes on a GPU too (quick)")
+    p.add_argument("--only", action="append", choices=tuple(CHECKS), help="run only this check (repeatable)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run in Triton's interpreter
+    t0 = time.perf_counter()
+    rows = run_checks(device, small=True if args.small else None, only=args.only)
+    from .info import collect
+
+    info = collect()
+    print(f"ditfast check on {info['device']} | torch {info['torch']} | triton {info['triton']}")
+    print(format_table(rows))
+    failed = [r for r in rows if r.ok is False]
+    checked = [r for r in rows if r.ok is not None]
+    skipped = len(rows) - len(checked)
+    print(f"\ncheck: {len(checked) - len(failed)} ok, {len(failed)} FAILED, {skipped} not checked here ({time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        _write_json(args.json, {"device": info["device"], "torch": info["torch"], "triton": info["triton"],
+                                "rows": [asdict(r) for r in rows]})  # fmt: skip
+    return 1 if failed or not checked else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
