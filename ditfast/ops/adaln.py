@@ -15,8 +15,13 @@ All three run through one custom op, ``torch.ops.ditfast.adaln_fwd`` (absent pie
 None), with an autograd formula that calls ``torch.ops.ditfast.adaln_bwd``. On CUDA tensors the
 ops run the Triton kernels of ``ditfast.kernels.adaln``; on CPU tensors they run the Triton
 interpreter when ``TRITON_INTERPRET=1`` was set before the kernels were imported, and otherwise a
-PyTorch statement of the same fp32 math (``_adaln_fwd_torch`` / ``_adaln_bwd_torch``). Outputs
-have the promoted dtype of the inputs; statistics are fp32.
+PyTorch statement of the same fp32 math (``_adaln_fwd_torch`` / ``_adaln_bwd_torch``).
+
+Dtypes (the references follow the same contract): r has the promoted dtype of x, y and gate, as
+``x + gate * y`` has, so an fp32 residual stream stays fp32. h goes straight into a Linear, so it is
+written in the dtype that Linear computes in: under autocast for its device (and unless the inputs
+are float64, which autocast leaves alone) the autocast dtype, otherwise the promoted dtype of all
+inputs. Statistics and all arithmetic are fp32.
 """
 
 from __future__ import annotations
@@ -38,6 +43,31 @@ __all__ = [
 MAX_HIDDEN = 8192  # the kernels keep a whole row in registers
 
 # ------------------------------------------------------------------------------------------
+# Output dtypes
+# ------------------------------------------------------------------------------------------
+
+
+def _promoted(*tensors) -> torch.dtype:
+    """The promoted dtype of the tensors given (None entries skipped)."""
+    dtype = None
+    for t in tensors:
+        if t is not None:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _norm_dtype(x: torch.Tensor, *vectors) -> torch.dtype:
+    """dtype of a LayerNorm output h computed from x (and y, gate, shift, scale): the autocast
+    dtype under autocast for x's device, as the Linear that consumes h would cast it (float64 is
+    left alone, as autocast leaves it), else the promoted dtype. Constant under torch.compile."""
+    dtype = _promoted(x, *vectors)
+    device = x.device.type
+    if dtype != torch.float64 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return dtype
+
+
+# ------------------------------------------------------------------------------------------
 # References: the official DiT math
 # ------------------------------------------------------------------------------------------
 
@@ -48,7 +78,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def adaln_layernorm_ref(x, shift, scale, eps: float = 1e-6):
-    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+    h = modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+    return h.to(_norm_dtype(x, shift, scale))  # a no-op outside autocast
 
 
 def gated_residual_ref(x, y, gate):
@@ -109,7 +140,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
-def _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype):
+def _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype, h_dtype=None):
     r = x.float()
     if y is not None:
         r = r + gate.float().unsqueeze(1) * y.float()
@@ -117,7 +148,7 @@ def _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype):
     if shift is not None:
         mean = r.mean(-1, keepdim=True)
         rstd = torch.rsqrt((r - mean).square().mean(-1, keepdim=True) + eps)
-        h = ((r - mean) * rstd * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(out_dtype)
+        h = ((r - mean) * rstd * (1 + scale.float().unsqueeze(1)) + shift.float().unsqueeze(1)).to(h_dtype or out_dtype)
         mean, rstd = mean.reshape(-1), rstd.reshape(-1)
     return (r.to(out_dtype) if y is not None else None), h, mean, rstd
 
@@ -145,14 +176,6 @@ def _adaln_bwd_torch(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype):
 # ------------------------------------------------------------------------------------------
 
 
-def _out_dtype(*tensors) -> torch.dtype:
-    dtype = None
-    for t in tensors:
-        if t is not None:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _or_empty(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return t if t is not None else like.new_empty(0)
 
@@ -165,26 +188,30 @@ def _adaln_fwd_op(
     shift: Optional[torch.Tensor],
     scale: Optional[torch.Tensor],
     eps: float,
+    h_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(r, h, mean, rstd); r empty without a residual, h/mean/rstd empty without a norm."""
-    out_dtype = _out_dtype(x, y, gate, shift, scale)
+    """(r, h, mean, rstd); r empty without a residual, h/mean/rstd empty without a norm.
+
+    r has the promoted dtype of x, y, gate; h has ``h_dtype`` (None: the promoted dtype of all
+    inputs). The public functions pass ``_norm_dtype(...)``, which applies autocast."""
+    r_dtype, h_dtype = _promoted(x, y, gate), h_dtype or _promoted(x, y, gate, shift, scale)
     if _use_triton(x):
-        outs = _KERNELS.adaln_fwd(x, y, gate, shift, scale, eps, out_dtype)
+        outs = _KERNELS.adaln_fwd(x, y, gate, shift, scale, eps, r_dtype, h_dtype=h_dtype)
     else:
-        outs = _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype)
+        outs = _adaln_fwd_torch(x, y, gate, shift, scale, eps, r_dtype, h_dtype=h_dtype)
     return tuple(_or_empty(t, x) for t in outs)
 
 
 @_adaln_fwd_op.register_fake
-def _(x, y, gate, shift, scale, eps):
+def _(x, y, gate, shift, scale, eps, h_dtype=None):
     B, N, D = x.shape
-    out_dtype = _out_dtype(x, y, gate, shift, scale)
+    r_dtype, h_dtype = _promoted(x, y, gate), h_dtype or _promoted(x, y, gate, shift, scale)
     full = lambda dt: x.new_empty((B, N, D), dtype=dt)  # noqa: E731
     stat = lambda: x.new_empty((B * N,), dtype=torch.float32)  # noqa: E731
     has_norm = shift is not None
     return (
-        full(out_dtype) if y is not None else x.new_empty(0),
-        full(out_dtype) if has_norm else x.new_empty(0),
+        full(r_dtype) if y is not None else x.new_empty(0),
+        full(h_dtype) if has_norm else x.new_empty(0),
         stat() if has_norm else x.new_empty(0),
         stat() if has_norm else x.new_empty(0),
     )
@@ -227,7 +254,7 @@ def _(dr, dh, normed, y, gate, scale, mean, rstd, x_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, gate, shift, scale, eps = inputs
+    x, y, gate, shift, scale, eps, _h_dtype = inputs
     r, h, mean, rstd = output
     ctx.has_res, ctx.has_norm = y is not None, shift is not None
     ctx.x_dtype = x.dtype
@@ -247,7 +274,7 @@ def _backward(ctx, dr, dh, _dmean, _drstd):
         dshift = dscale = None
     if not ctx.has_res:
         dy = dgate = None
-    return dx, dy, dgate, dshift, dscale, None
+    return dx, dy, dgate, dshift, dscale, None, None
 
 
 _adaln_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -273,13 +300,13 @@ def _check(x: torch.Tensor, y=None, **vectors) -> None:
 def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``LN(x) * (1 + scale) + shift`` (LayerNorm without affine, fp32 statistics) -> (B, N, D)."""
     _check(x, shift=shift, scale=scale)
-    return torch.ops.ditfast.adaln_fwd(x, None, None, shift, scale, eps)[1]
+    return torch.ops.ditfast.adaln_fwd(x, None, None, shift, scale, eps, _norm_dtype(x, shift, scale))[1]
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate * y`` and ``h = LN(r) * (1 + scale) + shift`` in one pass -> (r, h)."""
     _check(x, y, gate=gate, shift=shift, scale=scale)
-    r, h, _, _ = torch.ops.ditfast.adaln_fwd(x, y, gate, shift, scale, eps)
+    r, h, _, _ = torch.ops.ditfast.adaln_fwd(x, y, gate, shift, scale, eps, _norm_dtype(x, y, gate, shift, scale))
     return r, h
 
 

@@ -121,16 +121,6 @@ def test_forward_backward_against_reference(poison, op, shape, dtype):
                 assert err <= bound, f"{what}: error {err:.3e} vs plain PyTorch {err_eager:.3e}"
 
 
-def test_gradients_are_deterministic(poison):
-    inputs = make_inputs(3, 7, 1008, torch.float32)
-    grads_out = [torch.randn(3, 7, 1008, device=DEVICE) for _ in range(2)]
-    _, first = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
-    inputs2 = make_inputs(3, 7, 1008, torch.float32)
-    _, second = forward_backward("gated_residual_adaln", inputs2, "fused", grads_out)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
 def test_vectors_with_non_unit_stride_and_mixed_dtypes():
     B, N, D = 2, 5, 384
     x = torch.randn(B, N, D, device=DEVICE)  # fp32 residual stream, as under autocast
@@ -193,9 +183,11 @@ def test_compile_fullgraph_dit_block_forward_backward():
 
 @pytest.mark.parametrize("rows", [2, 4])
 def test_programs_covering_several_rows(poison, monkeypatch, rows):
-    """Small shapes launch one row per program; force several (with a ragged last group) too."""
+    """Small shapes launch one row per program; force several (with a ragged last group) too: ROWS
+    consecutive rows per forward program, and G_MAX = rows groups per sample in the backward."""
     launch = kernels._launch_params
     monkeypatch.setattr(kernels, "_launch_params", lambda B, N, D: (launch(B, N, D)[0], rows, 4))
+    monkeypatch.setattr(kernels, "G_MAX", rows)
     B, N, D = 3, 7, 384
     inputs = make_inputs(B, N, D, torch.float32)
     grads_out = [torch.randn(B, N, D, device=DEVICE) for _ in range(2)]
@@ -203,3 +195,166 @@ def test_programs_covering_several_rows(poison, monkeypatch, rows):
     ref_out, ref_grad = forward_backward("gated_residual_adaln", leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
     for g, r in zip(got_out + got_grad, ref_out + ref_grad):
         assert_close(g, r.float(), rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()), what=f"rows={rows}")
+
+
+# ------------------------------------------------------------------------------------------
+# Backward: bounded, deterministic partial sums
+# ------------------------------------------------------------------------------------------
+
+# (B, N, D) where the backward's programs loop over several rows each (N > G_MAX), with a ragged
+# last round at odd N. The interpreter is slow: CPU keeps one (B=1, N=256 runs in the test above).
+BWD_SHAPES = [(2, 45, 1152)]
+if CUDA:
+    BWD_SHAPES += [(1, 256, 1152), (2, 256, 1152), (1, 17, 1152), (2, 17, 1152), (4, 1024, 1152), (2, 4099, 1152)]
+
+
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "B{}N{}D{}".format(*s))
+def test_backward_row_groups_against_fp64_and_bitwise_reproducible(poison, shape):
+    B, N, D = shape
+    gen = torch.Generator().manual_seed(1)
+    grads_out = [torch.randn(B, N, D, generator=gen).to(DEVICE) for _ in range(2)]
+    inputs = make_inputs(B, N, D, torch.float32)
+    _, first = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
+    _, second = forward_backward("gated_residual_adaln", leaves_like(inputs, lambda t: t), "fused", grads_out)
+    _, ref = forward_backward("gated_residual_adaln", leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
+    for a, b, r, label in zip(first, second, ref, ["dx", "dy", "dmod"]):
+        assert torch.equal(a, b), f"{label} {shape}: two runs differ"
+        rtol, atol = TOLERANCES[("bwd", torch.float32)]
+        assert_close(a, r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()), what=f"{label} {shape}")
+
+
+class _Launches:
+    """Stands in for the module's Triton kernels: records (name, grid, args) instead of launching."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in [n for n in vars(kernels) if n.startswith("_adaln") and n.endswith("_kernel")]:
+            monkeypatch.setattr(kernels, name, self._recorder(name))
+
+    def _recorder(self, name):
+        launches = self
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.calls.append((name, grid, args))
+
+        return Kernel()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backward_scratch_is_bounded_and_reduced_in_one_launch(monkeypatch, op):
+    """At N = 64Ki tokens the fp32 partial sums stay (V, B, G, D) with G <= 32, and one launch after
+    the main backward kernel reduces them all. Meta tensors: nothing runs, only sizes are read."""
+    B, N, D, cap = 2, 1024 * 64, 1152, 32
+    allocated = []
+
+    def empty(*args, **kwargs):
+        t = torch.empty(*args, **kwargs)
+        allocated.append(t)
+        return t
+
+    monkeypatch.setattr(kernels, "_empty", empty)
+    launches = _Launches(monkeypatch)
+    act = lambda dtype=torch.bfloat16: torch.empty(B, N, D, device="meta", dtype=dtype)  # noqa: E731
+    vec = lambda: torch.empty(B, D, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    stat = lambda: torch.empty(B * N, device="meta")  # noqa: E731
+    has_res, has_norm = op != "adaln_layernorm", op != "gated_residual"
+    dx, dy, dgate, dshift, dscale = kernels.adaln_bwd(
+        act() if has_res else None, act() if has_norm else None, act(torch.float32) if has_norm else None,
+        act() if has_res else None, vec() if has_res else None, vec() if has_norm else None,
+        stat() if has_norm else None, stat() if has_norm else None, torch.float32,
+    )  # fmt: skip
+    assert dx.shape == (B, N, D) and dx.dtype == torch.float32
+    for v, present in ((dgate, has_res), (dshift, has_norm), (dscale, has_norm)):
+        assert (v is not None) == present and (v is None or v.shape == (B, D))
+    outputs = {id(t) for t in (dx, dy, dgate, dshift, dscale) if t is not None}
+    scratch = sum(t.numel() for t in allocated if id(t) not in outputs)
+    n_vec = int(has_res) + 2 * int(has_norm)
+    assert scratch <= n_vec * B * cap * D, f"{scratch} scratch elements > {n_vec} x (B, {cap}, D)"
+    assert kernels._bwd_groups(N) <= cap and kernels._bwd_groups(5) == 5
+    names = [name for name, _, _ in launches.calls]
+    assert names == ["_adaln_bwd_kernel", "_adaln_bwd_reduce_kernel"], names
+    assert launches.calls[0][1] == (kernels._bwd_groups(N), B)
+
+
+# ------------------------------------------------------------------------------------------
+# Autocast: h in the autocast dtype, r in the residual stream's
+# ------------------------------------------------------------------------------------------
+
+
+def mixed_inputs(B, N, D, vec_dtype, seed=0):
+    """As autocast produces them: fp32 x, bf16 sublayer output y, modulation in ``vec_dtype``."""
+    x, y, mod = make_inputs(B, N, D, torch.float32, seed)[:3]
+    dtypes = iter([torch.float32, torch.bfloat16, vec_dtype])
+    return leaves_like((x, y, mod), lambda t: t.to(next(dtypes)))
+
+
+@pytest.mark.parametrize("vec_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["adaln_layernorm", "gated_residual_adaln"])
+def test_autocast_writes_h_in_autocast_dtype(poison, op, vec_dtype):
+    B, N, D = 2, 7, 384
+    inputs = mixed_inputs(B, N, D, vec_dtype)
+    gen = torch.Generator().manual_seed(1)
+    n_out = 2 if op == "gated_residual_adaln" else 1
+    out_dtypes = [torch.float32, torch.bfloat16] if n_out == 2 else [torch.bfloat16]  # (r,) h
+    # rounded to the outputs' dtypes up front, so the fp64 reference sees the same gradients
+    grads_out = [torch.randn(B, N, D, generator=gen).to(DEVICE, dt) for dt in out_dtypes]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got_out, got_grad = forward_backward(op, inputs, "fused", grads_out)
+        eager_out, eager_grad = forward_backward(op, leaves_like(inputs, lambda t: t), "ref", grads_out)
+    ref_out, ref_grad = forward_backward(op, leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
+
+    names = ["dx", "dmod"] if op == "adaln_layernorm" else ["dx", "dy", "dmod"]
+    grad_dtypes = [torch.float32, vec_dtype] if op == "adaln_layernorm" else [torch.float32, torch.bfloat16, vec_dtype]
+    for kind, got, eager, ref, dtypes, labels in (
+        ("fwd", got_out, eager_out, ref_out, out_dtypes, ["r", "h"][-n_out:]),
+        ("bwd", got_grad, eager_grad, ref_grad, grad_dtypes, names),
+    ):
+        for g, e, r, dtype, label in zip(got, eager, ref, dtypes, labels):
+            what = f"{op} {label} under autocast, vectors {vec_dtype}"
+            assert g.dtype == e.dtype == dtype, f"{what}: fused {g.dtype}, reference {e.dtype}, expected {dtype}"
+            rtol, atol = TOLERANCES[(kind, dtype)]
+            assert_close(g, r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()), what=what)
+
+
+def test_autocast_dit_block_feeds_linears_in_autocast_dtype():
+    """Under autocast both backends hand the block's Linears bf16 h and keep the residual stream
+    fp32; fused (eager and compiled with fullgraph=True) agrees with the official math."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from ditfast.models import DiTBlock
+    from conftest import randomize_
+
+    block = randomize_(DiTBlock(64, 2)).to(DEVICE)
+    x = torch.randn(2, 5, 64, device=DEVICE, requires_grad=True)
+    c = torch.randn(2, 64, device=DEVICE)
+    graphs = []
+
+    def recording_aot_eager(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    results = {}
+    for name in ("eager", "triton", "compiled"):
+        seen = []
+        linears = (block.attn.qkv, block.mlp.fc1) if name != "compiled" else ()  # dynamo would trace hooks
+        hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)) for m in linears]
+        block.backend, x.grad = "eager" if name == "eager" else "triton", None
+        f = torch.compile(block, fullgraph=True, backend=recording_aot_eager) if name == "compiled" else block
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = f(x, c)
+        out.square().sum().backward()
+        for hook in hooks:
+            hook.remove()
+        assert seen == [torch.bfloat16] * len(linears), f"{name}: Linear inputs {seen}"
+        assert out.dtype == x.grad.dtype == torch.float32, f"{name}: out {out.dtype}, dx {x.grad.dtype}"
+        results[name] = out.detach(), x.grad.clone()
+    # the traced graph applied autocast too: both LayerNorms write h (output 1) in bf16
+    adaln = [n for n in graphs[0].graph.nodes if n.op == "call_function" and "ditfast.adaln_fwd" in str(n.target)]
+    h_dtypes = [n.meta["example_value"][1].dtype for n in adaln if n.args[3] is not None]
+    assert h_dtypes == [torch.bfloat16] * 2, h_dtypes
+    out_e, dx_e = results["eager"]
+    for name in ("triton", "compiled"):
+        out, dx = results[name]
+        assert_close(out, out_e, dtype=torch.bfloat16, what=f"{name} block under autocast")
+        assert_close(dx, dx_e, dtype=torch.bfloat16, kind="bwd", atol=5e-2 * dx_e.abs().max().item(), what=f"{name} block dx under autocast")
