@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .models import DiT, DiT_models, _SIZES
+from .models import DiT, DiT_models, SIZES
 
 __all__ = ["gflops", "DiTShape"]
 
@@ -43,7 +43,7 @@ class DiTShape:
             raise ValueError(f"unknown model {name!r}; expected one of {sorted(DiT_models)}")
         if image_size % (VAE_DOWNSAMPLE * int(name.split("/")[1])):
             raise ValueError(f"image_size {image_size} must be a multiple of 8 * patch size for {name}")
-        depth, hidden, _ = _SIZES[name[len("DiT-") :].split("/")[0]]
+        depth, hidden, _ = SIZES[name[len("DiT-") :].split("/")[0]]
         return cls(depth, hidden, int(name.split("/")[1]), image_size // VAE_DOWNSAMPLE)
 
     def macs(self) -> int:

@@ -29,6 +29,7 @@ __all__ = [
     "adaln_ops",
     "patch_ops_enabled",
     "BACKENDS",
+    "SIZES",
     "TimestepEmbedder",
     "LabelEmbedder",
     "PatchEmbed",
@@ -517,11 +518,12 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 # Configs: the official registry, names and functions.
 # ----------------------------------------------------------------------------------------------
 
-_SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+# name -> (depth, hidden size, heads) of the paper's four model sizes
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 
 
 def _make(size: str, patch: int) -> Callable[..., DiT]:
-    depth, hidden, heads = _SIZES[size]
+    depth, hidden, heads = SIZES[size]
 
     def build(**kwargs) -> DiT:
         return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
@@ -549,7 +551,7 @@ __all__ += [f.__name__ for f in DiT_models.values()]
 
 def heads_for_hidden(hidden_size: int) -> int:
     """The registry's rule for the number of heads: as the registry for its four widths, else D/64."""
-    for _, hidden, heads in _SIZES.values():
+    for _, hidden, heads in SIZES.values():
         if hidden == hidden_size:
             return heads
     if hidden_size % 64:

@@ -32,7 +32,7 @@ from .checkpoint import check_state_dict
 from .data import Samples, digits_samples, image_folder_samples, latent_shard_samples
 from .diffusion import create_diffusion
 from .flops import gflops
-from .models import DiT, _SIZES
+from .models import DiT, SIZES
 
 __all__ = ["TrainConfig", "train", "build_model", "open_data", "main"]
 
@@ -89,9 +89,9 @@ def open_data(cfg: TrainConfig) -> Samples:
 def model_config(cfg: TrainConfig, data: Samples) -> dict:
     """DiT constructor arguments for this run."""
     size = cfg.model.removeprefix("DiT-").split("/")
-    if len(size) != 2 or size[0] not in _SIZES:
+    if len(size) != 2 or size[0] not in SIZES:
         raise ValueError(f"unknown model {cfg.model!r}; expected a registry name such as 'DiT-S/2'")
-    depth, hidden, heads = _SIZES[size[0]]
+    depth, hidden, heads = SIZES[size[0]]
     channels, height, _ = data.shape
     latent_side = height // 8 if cfg.vae else height
     return dict(
