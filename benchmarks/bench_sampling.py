@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import append_rows, device_name, row, time_fn  # noqa: E402
 
 import ditfast  # noqa: E402
-from ditfast.sampling import SamplingEngine  # noqa: E402
+from ditfast.engine import SamplingEngine  # noqa: E402
 from ditfast.samplers import make_plan  # noqa: E402
 
 PROVIDERS = ["official fp32+tf32", "eager bf16", "compile bf16", "diffusers bf16", "diffusers compile",

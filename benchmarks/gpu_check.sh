@@ -16,6 +16,7 @@
 #   fused-ops  the fused adaLN ops at B=32, N=256, D=1152: GB/s vs a device copy, vs eager
 #   attention  attention backends, DiT-XL/2 at N=256 and 1024, head dim 72, fwd and fwd+bwd
 #   training   one training-step rate, DiT-XL/2 batch 32: official fp32/TF32 vs ditfast
+#   structure  DiT-XL/2 forward, per-block structure vs the old cross-block one (same kernels)
 #   compile    torch.compile peers (sampling "compile bf16", fused ops max-autotune), last: slowest
 # Stage time limits are cut to what is left of the overall budget (BUDGET_S, default 290 s).
 set -uo pipefail
@@ -61,6 +62,7 @@ if [ "$DRY" = 1 ]; then
   stage attention 120 python benchmarks/bench_attention.py --quick --backends sdpa sdpa-math --out "$OUT/attention_$SUFFIX.csv"
   stage training 120 python benchmarks/bench_training.py --batch 2 --providers "official fp32+tf32" ditfast \
     --out "$OUT/training_$SUFFIX.csv"
+  stage structure 60 python benchmarks/bench_block_structure.py --out "$OUT/block_structure_$SUFFIX.csv"
 else
   stage build 150 env FORCE_CUDA=1 MAX_JOBS="$(nproc)" pip install --no-build-isolation --no-deps -e . -q
   python -m ditfast.cli info > "$OUT/info.txt" 2>&1 || true
@@ -71,6 +73,7 @@ else
   stage attention 40 python benchmarks/bench_attention.py --quick --out "$OUT/attention_$SUFFIX.csv"
   stage training 40 python benchmarks/bench_training.py --batch 32 --providers "official fp32+tf32" ditfast \
     --out "$OUT/training_$SUFFIX.csv"
+  stage structure 30 python benchmarks/bench_block_structure.py --out "$OUT/block_structure_$SUFFIX.csv"
   stage compile 120 python benchmarks/bench_sampling.py --batches 32 --samplers ddpm --cfg-scale 4.0 \
     --providers "compile bf16" --out "$OUT/sampling_$SUFFIX.csv"
 fi

@@ -41,6 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ops
 from .ops.attention import MAX_HEAD_DIM, check_packed_qkv
+from .ops.dispatch import Backend, BackendError, Dispatcher, dtype_name, register
 
 __all__ = [
     "attention",
@@ -53,6 +54,7 @@ __all__ = [
     "BACKENDS",
     "PRIORITY",
     "ENV_VAR",
+    "ATTENTION",
 ]
 
 ENV_VAR = "DITFAST_ATTN_BACKEND"
@@ -79,7 +81,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class AttentionBackendError(RuntimeError):
+class AttentionBackendError(BackendError):
     """No attention backend (or not the forced one) can run the given problem; the message says why."""
 
 
@@ -95,11 +97,7 @@ class AttentionProblem:
 
     def __str__(self) -> str:
         grad = "forward+backward" if self.needs_grad else "forward only"
-        return f"{self.num_heads} heads x head dim {self.head_dim}, {_dtype_name(self.dtype)} on {self.device}, {grad}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+        return f"{self.num_heads} heads x head dim {self.head_dim}, {dtype_name(self.dtype)} on {self.device}, {grad}"
 
 
 _IMPORT_ERRORS: dict[str, str | None] = {}
@@ -114,70 +112,31 @@ def _import_reason(module: str, hint: str) -> str | None:
             try:
                 importlib.import_module(module)
                 _IMPORT_ERRORS[module] = None
-            except Exception as exc:  # noqa: BLE001  (an ABI mismatch raises all sorts)
+            except Exception as exc:  # noqa: BLE001  any import failure is a reason, not a crash
                 _IMPORT_ERRORS[module] = f"{module} is installed but fails to import ({type(exc).__name__}: {exc})"
     return _IMPORT_ERRORS[module]
 
 
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+class AttentionBackend(Backend):
+    """One way of computing attention on packed qkv; declares, beyond the device, dtype and
+    capability of every backend, its largest head dim and whether it has a backward."""
 
-
-class AttentionBackend:
-    """One way of computing attention on packed qkv; subclasses declare what they support."""
-
-    name: str = ""
-    device_types: tuple[str, ...] | None = ("cuda",)  # None: any device
-    dtypes: tuple[torch.dtype, ...] = HALF_DTYPES
-    min_compute_capability: tuple[int, int] | None = None  # CUDA devices only
+    dtypes = HALF_DTYPES
     max_head_dim: int | None = None
     supports_backward: bool = True
 
-    def unavailable_reason(self) -> str | None:
-        """Why this backend cannot run at all here (e.g. its package is missing), else None."""
-        return None
-
-    def device_reasons(self, device: torch.device) -> list[str]:
-        """Why this backend cannot run on ``device`` regardless of the inputs (empty when it can)."""
+    def declared_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = []
-        missing = self.unavailable_reason()
-        if missing:
-            reasons.append(missing)
-        if self.device_types is not None and device.type not in self.device_types:
-            reasons.append(f"runs on {' or '.join(self.device_types)} tensors, not {device.type}")
-        elif device.type == "cuda":
-            if not torch.cuda.is_available():
-                reasons.append("no CUDA device is available")
-            elif self.min_compute_capability is not None:
-                have, need = _capability(device), self.min_compute_capability
-                if have < need:
-                    reasons.append(f"needs compute capability >= {need[0]}.{need[1]}, the device has {have[0]}.{have[1]}")
-        return reasons
-
-    def not_supported_reasons(self, problem: AttentionProblem) -> list[str]:
-        """Why this backend cannot run ``problem``, in words; empty when it can."""
-        reasons = self.device_reasons(torch.device(problem.device))
-        if problem.dtype not in self.dtypes:
-            reasons.append(f"dtype {_dtype_name(problem.dtype)} is not one of {', '.join(map(_dtype_name, self.dtypes))}")
         if self.max_head_dim is not None and problem.head_dim > self.max_head_dim:
             reasons.append(f"head dim {problem.head_dim} is over its maximum {self.max_head_dim}")
         if problem.needs_grad and not self.supports_backward:
             reasons.append("has no backward (the input requires grad)")
-        if not reasons:
-            reasons = self.extra_reasons(problem)
         return reasons
 
-    def extra_reasons(self, problem: AttentionProblem) -> list[str]:
-        """Checks beyond the declarations, run once those pass."""
-        return []
-
     def summary(self) -> str:
-        """The declarations, in one line (for ``ditfast info``)."""
-        devices = "any device" if self.device_types is None else "/".join(self.device_types)
-        cc = f" (CUDA sm{self.min_compute_capability[0]}{self.min_compute_capability[1]}+)" if self.min_compute_capability else ""
         head = f"head dim <= {self.max_head_dim}" if self.max_head_dim else "any head dim"
         grad = "forward+backward" if self.supports_backward else "forward only"
-        return f"{devices}{cc}; {'/'.join(map(_dtype_name, self.dtypes))}; {head}; {grad}"
+        return f"{super().summary()}; {head}; {grad}"
 
     def __call__(self, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         """Packed qkv (B, N, 3*H*Dh) -> (B, N, H*Dh)."""
@@ -308,8 +267,8 @@ def _sdpa_cuda(name: str, kernel: str, dtypes, cc, max_head_dim) -> SDPABackend:
     return SDPABackend(name, kernel, device_types=("cuda",), dtypes=dtypes, min_compute_capability=cc, max_head_dim=max_head_dim)
 
 
-def _make_backends() -> dict[str, AttentionBackend]:
-    backends: list[AttentionBackend] = [
+def _make_backends() -> list[AttentionBackend]:
+    return [
         FlashAttnBackend(),
         XFormersBackend(),
         SDPABackend("sdpa", None, device_types=None, dtypes=FLOAT_DTYPES),
@@ -319,72 +278,20 @@ def _make_backends() -> dict[str, AttentionBackend]:
         SDPABackend("sdpa-math", "MATH", device_types=None, dtypes=FLOAT_DTYPES),
         TritonBackend(),
     ]
-    return {b.name: b for b in backends}
 
 
-BACKENDS: dict[str, AttentionBackend] = _make_backends()
+ATTENTION = register(Dispatcher("attention", _make_backends(), PRIORITY, ENV_VAR, DEFAULT_PRIORITY, error=AttentionBackendError))
+BACKENDS: dict[str, AttentionBackend] = ATTENTION.backends
 
 
 def check_backend_name(name: str) -> str:
     """``name`` if it is "auto" or a backend name, else a ValueError listing the names."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"attention backend must be 'auto' or one of {list(BACKENDS)}, got {name!r}")
-    return name
+    return ATTENTION.check_name(name)
 
 
 def priority(device_type: str) -> list[str]:
     """The backends "auto" tries on ``device_type``, in order."""
-    return PRIORITY.get(device_type, DEFAULT_PRIORITY)
-
-
-def _all_reasons(problem: AttentionProblem, candidates: list[str]) -> str:
-    lines = []
-    for name, b in BACKENDS.items():
-        reasons = b.not_supported_reasons(problem)
-        if not reasons:
-            reasons = ["fits"] if name in candidates else [
-                f"could run, but is not in the {torch.device(problem.device).type} priority list {candidates} "
-                f"(force it with backend={name!r} or {ENV_VAR}={name})"
-            ]  # fmt: skip
-        lines.append(f"  {name}: " + "; ".join(reasons))
-    return "\n".join(lines)
-
-
-_CHOICES: dict[tuple, str] = {}
-
-
-def _choose(device: str, dtype: torch.dtype, num_heads: int, head_dim: int, needs_grad: bool, backend: str) -> str:
-    """The backend name for this problem: a plain function of constants, which torch.compile traces
-    and folds without a graph break (tests/test_attention.py compiles it with an empty cache). Not
-    marked ``torch.compiler.assume_constant_result``: that imports torch._dynamo, 2-3 s of every
-    ``import ditfast``."""
-    env = os.environ.get(ENV_VAR) if backend == "auto" else None
-    key = (device, dtype, num_heads, head_dim, needs_grad, backend, env, tuple(priority(device.partition(":")[0])))
-    chosen = _CHOICES.get(key)
-    if chosen is None:
-        chosen = _CHOICES[key] = _decide(AttentionProblem(device, dtype, num_heads, head_dim, needs_grad), backend, env)
-    return chosen
-
-
-def _decide(problem: AttentionProblem, backend: str, env: str | None) -> str:
-    source = "backend="
-    if backend == "auto" and env and env.strip() != "auto":
-        backend, source = env.strip(), f"{ENV_VAR}="
-        if backend not in BACKENDS:
-            raise ValueError(f"{ENV_VAR} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
-    device_list = priority(torch.device(problem.device).type)
-    if backend == "auto":
-        chosen = next((n for n in device_list if not BACKENDS[n].not_supported_reasons(problem)), None)
-        if chosen is None:
-            raise AttentionBackendError(f"no attention backend can run {problem}:\n{_all_reasons(problem, device_list)}")
-        return chosen
-    reasons = BACKENDS[backend].not_supported_reasons(problem)
-    if reasons:
-        raise AttentionBackendError(
-            f"attention backend {backend!r} (set by {source}{backend!r}) cannot run {problem}: " + "; ".join(reasons)
-            + f"\nEvery backend for this problem:\n{_all_reasons(problem, device_list)}"
-        )  # fmt: skip
-    return backend
+    return ATTENTION.device_priority(device_type)
 
 
 def select_backend(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> AttentionBackend:
@@ -392,7 +299,7 @@ def select_backend(qkv: torch.Tensor, num_heads: int, backend: str = "auto") -> 
     head_dim = check_packed_qkv(qkv, num_heads)
     check_backend_name(backend)
     needs_grad = qkv.requires_grad and torch.is_grad_enabled()
-    return BACKENDS[_choose(str(qkv.device), qkv.dtype, num_heads, head_dim, needs_grad, backend)]
+    return BACKENDS[ATTENTION.choose(backend, AttentionProblem, str(qkv.device), qkv.dtype, num_heads, head_dim, needs_grad)]
 
 
 def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -408,9 +315,4 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, 
 
 def describe(device: torch.device | str | None = None) -> dict[str, str]:
     """Every backend on ``device`` (default: cuda if available, else cpu): usable, or why not."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = {}
-    for name, b in BACKENDS.items():
-        reasons = b.device_reasons(device)
-        out[name] = f"usable on {device.type}: {b.summary()}" if not reasons else "not usable: " + "; ".join(reasons)
-    return out
+    return ATTENTION.describe(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -3,8 +3,9 @@ real shapes against its float64 reference; a table, and a non-zero exit on any f
 
     ditfast check [--json OUT.json] [--small]
 
-Checked: the fused adaLN ops forward and backward (Triton), every attention backend that can run
-here forward and backward, the compiled patch ops and timestep embedding (``ditfast._C``), and on
+Checked, as the dispatch layer (``ditfast.ops.dispatch``) declares what can run here: the fused
+adaLN ops forward and backward (Triton), every attention backend forward and backward, the
+compiled patch ops and timestep embedding (``ditfast._C``), and on
 CUDA one captured CUDA-graph sampling step against the same step run eagerly. On a GPU the shapes
 are DiT-XL/2's (D 1152, 256 tokens, 16 heads of 72; head dim 64 as in DiT-B too); on a CPU (or
 with ``--small``) small shapes, the Triton kernels under Triton's interpreter. What cannot be
@@ -99,9 +100,9 @@ def check_adaln(device: torch.device, small: bool) -> list[Result]:
     B, N, D = (2, 17, 64) if small else (4, 256, 1152)
     dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16]
     shape = f"B{B} N{N} D{D}"
-    reason = ops.triton_status(device)
-    if reason is not None:
-        return [_skip("adaln", "triton", shape, "-", f"not checked: {reason}")]
+    reasons = ops.ADALN.backends["triton"].not_supported_reasons(ops.AdaLNProblem(str(device), torch.float32, D))
+    if reasons:
+        return [_skip("adaln", "triton", shape, "-", "not checked: " + "; ".join(reasons))]
     rows = []
     for dtype in dtypes:
         x, y = torch.randn(B, N, D, device=device), torch.randn(B, N, D, device=device)
@@ -141,13 +142,12 @@ def check_attention(device: torch.device, small: bool) -> list[Result]:
 
 def check_patch_ops(device: torch.device, small: bool) -> list[Result]:
     from . import ops
-    from ._ext import extension_error, op_available
 
     B, C, S, p, D = (2, 4, 8, 2, 64) if small else (8, 4, 32, 2, 1152)
     shape = f"B{B} C{C} {S}x{S} p{p} D{D}"
-    if not op_available(device):
-        why = extension_error() or f"ditfast._C was built without {device.type.upper()} ops"
-        return [_skip("patch ops", "ditfast._C", shape, "-", f"not checked: {why}")]
+    reasons = ops.PATCH.backends["compiled"].not_supported_reasons(ops.dispatch.OpProblem(str(device)))
+    if reasons:
+        return [_skip("patch ops", "ditfast._C", shape, "-", "not checked: " + "; ".join(reasons))]
     rows = []
     dtypes = [torch.float32] if small else [torch.float32, torch.bfloat16]
     T, out = (S // p) ** 2, 2 * C

@@ -15,7 +15,7 @@ COMMANDS = {
     "train": ("ditfast.train", "train a DiT (bundled digits, an image folder or latent shards)"),
     "extract-latents": ("ditfast.extract", "encode an image folder with a VAE into latent shards for training"),
     "eval": ("ditfast.metrics.cli", "FID, sFID, precision/recall (and IS) of SAMPLES.npz against REF.npz"),
-    "sample": ("ditfast.sampling", "sample images (DDPM, DDIM, DPM-Solver++; CUDA-graph loop) into PNGs and an ADM .npz"),
+    "sample": ("ditfast.sample_cli", "sample images (DDPM, DDIM, DPM-Solver++; CUDA-graph loop) into PNGs and an ADM .npz"),
 }
 
 

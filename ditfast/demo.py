@@ -20,12 +20,12 @@ import torch
 
 from .checkpoint import load_model
 from .data import pixels_to_uint8
-from .data.digits import load_digits
+from .data.classifier import DigitClassifier
 from .diffusion import create_diffusion
 from .imageio import make_grid, save_png
-from .models import DiT, adaln_ops, FUSED_OPS
+from .models import DiT, adaln_fused
 
-__all__ = ["BUNDLED_MODEL", "load_bundled_model", "sample_digits", "DigitClassifier", "main"]
+__all__ = ["BUNDLED_MODEL", "load_bundled_model", "sample_digits", "main"]
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 BUNDLED_MODEL = os.path.join(ASSETS, "digits_dit.safetensors")
@@ -66,46 +66,11 @@ def sample_digits(
     return out[:n].float().clamp(-1, 1)
 
 
-class DigitClassifier:
-    """Multinomial logistic regression on real digit pixels (the same 16x16 [-1, 1] domain as the
-    samples), trained with full-batch L-BFGS on a fixed 80% split; ``accuracy`` is on the rest."""
-
-    def __init__(self, image_size: int, seed: int = 0):
-        x, y = load_digits(image_size)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        cut = int(0.8 * len(y))
-        train, held = perm[:cut], perm[cut:]
-        feats = x.flatten(1).double()
-        self.weight = torch.zeros(feats.shape[1], 10, dtype=torch.float64, requires_grad=True)
-        self.bias = torch.zeros(10, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([self.weight, self.bias], max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(self._logits(feats[train]), y[train])
-            loss = loss + 1e-3 * self.weight.square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        self.accuracy = self.score(x[held], y[held])
-
-    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
-        return feats @ self.weight + self.bias
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        return self._logits(images.flatten(1).double().cpu()).argmax(1)
-
-    def score(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        return (self.predict(images) == labels.cpu()).double().mean().item()
-
-
 def _fast_path(model: DiT, device: torch.device) -> tuple[str, torch.dtype]:
     """Pick the fastest available configuration: fused kernels and bf16 on a GPU."""
     if device.type == "cuda":
         model.backend = "auto"
-        fused = adaln_ops("auto", device) is FUSED_OPS
+        fused = adaln_fused("auto", device)
         return ("bf16, Triton adaLN kernels" if fused else "bf16, eager (triton unavailable)"), torch.bfloat16
     model.backend = "eager"
     return "fp32 eager (no GPU: the fused kernels need CUDA, so it equals the reference path)", torch.float32

@@ -1,4 +1,5 @@
-"""Analytic forward cost of a DiT, in the paper's convention (Gflops = 1e9 multiply-accumulates)."""
+"""Analytic forward cost of a DiT, in the paper's convention (Gflops = 1e9 multiply-accumulates), and
+the one-line shape summary that training and sampling print (:func:`describe`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from .models import DiT, DiT_models, SIZES
 
-__all__ = ["gflops", "DiTShape"]
+__all__ = ["gflops", "DiTShape", "describe"]
 
 VAE_DOWNSAMPLE = 8  # the Stable Diffusion VAE maps a 256x256 image to a 32x32 latent
 
@@ -87,3 +88,12 @@ def gflops(model_or_name: DiT | str, image_size: int | None = None) -> float:
     else:
         raise ValueError(f"expected a DiT or a model name such as 'DiT-XL/2', got {type(model_or_name).__name__}")
     return shape.macs() / 1e9
+
+
+# describe() lives here, beside DiTShape.of: both read a DiT's shape, and the trainer and the sampler
+# already import this module for gflops, so neither has to reach into the other.
+def describe(model: DiT) -> str:
+    """e.g. "DiT (depth 6, hidden 128, 2 heads, patch 4, 16x16x1 input)"."""
+    size = model.x_embedder.img_size[0]
+    return (f"DiT (depth {len(model.blocks)}, hidden {model.pos_embed.shape[-1]}, {model.num_heads} heads, "
+            f"patch {model.patch_size}, {size}x{size}x{model.in_channels} input)")  # fmt: skip

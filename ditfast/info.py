@@ -41,17 +41,16 @@ def collect() -> dict[str, str]:
         info["device"] = f"cuda:{idx} {torch.cuda.get_device_name(idx)} (sm_{major}{minor}), {torch.cuda.device_count()} visible"
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), no CUDA device"
-    from .ops import triton_status
+    from .ops import dispatch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reason = triton_status(device)
-    where = f"{device} (Triton interpreter: correct but slow, for tests)" if device == "cpu" else device
-    info["Triton adaLN kernels"] = f"usable on {where}" if reason is None else f"not usable on {device}: {reason}"
-    from .attention import ENV_VAR, describe, priority
-
-    for name, text in describe(device).items():
-        info[f"attention {name}"] = text
-    info["attention auto order"] = f"{device}: {', '.join(priority(device))} (first that fits; {ENV_VAR} forces one)"
+    if device == "cpu":
+        info["note"] = "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 (correct but slow, for tests)"
+    for op, dispatcher in dispatch.REGISTRY.items():  # every fast op: each backend, usable or why not
+        for name, text in dispatcher.describe(device).items():
+            info[f"{op} {name}"] = text
+        order = ", ".join(dispatcher.device_priority(device))
+        info[f"{op} auto order"] = f"{device}: {order} (first that fits; {dispatcher.env_var} forces one)"
     if extension_loaded():
         info["ditfast._C"] = "loaded"
         version = cuda_ops_version()

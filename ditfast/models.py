@@ -8,7 +8,7 @@ T = (H/p)*(W/p) tokens, D hidden size, Hd heads, Dh head dim.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from ._ext import op_available
 from .attention import attention, check_backend_name
 from .ops import modulate, timestep_embedding_ref
 
@@ -26,7 +25,8 @@ __all__ = [
     "DiT_models",
     "get_2d_sincos_pos_embed",
     "modulate",
-    "adaln_ops",
+    "adaln_fused",
+    "timestep_compiled",
     "patch_ops_enabled",
     "BACKENDS",
     "SIZES",
@@ -40,39 +40,36 @@ __all__ = [
 ]
 
 
-class AdaLNOps(NamedTuple):
-    """The three adaLN ops a DiT block is written in (see :mod:`ditfast.ops.adaln`)."""
-
-    adaln_layernorm: Callable
-    gated_residual_adaln: Callable
-    gated_residual: Callable
-
-
-EAGER_OPS = AdaLNOps(ops.adaln_layernorm_ref, ops.gated_residual_adaln_ref, ops.gated_residual_ref)
-FUSED_OPS = AdaLNOps(ops.adaln_layernorm, ops.gated_residual_adaln, ops.gated_residual)
-BACKENDS = ("auto", "eager", "triton")
+# DiT(backend=...): one switch for every fast op but attention (which has attn_backend). "fused"
+# asks for every fused/compiled kernel (an error where one cannot run); "triton" is its old name.
+BACKENDS = ("auto", "eager", "fused", "triton")
+_OP_REQUEST = {  # DiT backend -> the request passed to each op's dispatcher (ditfast.ops.dispatch)
+    "auto": {"adaln": "auto", "patch": "auto", "timestep": "auto"},
+    "eager": {"adaln": "eager", "patch": "eager", "timestep": "eager"},
+    "fused": {"adaln": "triton", "patch": "compiled", "timestep": "compiled"},
+}
+_OP_REQUEST["triton"] = _OP_REQUEST["fused"]
 
 
-def adaln_ops(backend: str, device: torch.device) -> AdaLNOps:
-    """The ops for ``backend`` on ``device``: "eager" (official math), "triton" (fused kernels;
-    an error naming the reason where they cannot run) or "auto" (triton on CUDA when available)."""
-    if backend == "eager":
-        return EAGER_OPS
-    reason = ops.triton_status(device)
-    if backend == "triton":
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run on {device}: {reason}")
-        return FUSED_OPS
-    return FUSED_OPS if device.type == "cuda" and reason is None else EAGER_OPS
+def adaln_fused(backend: str, device: torch.device, dtype: torch.dtype = torch.float32, hidden: int = 0) -> bool:
+    """Whether the adaLN LayerNorm/modulation/gated residuals of a (hidden,)-wide ``dtype`` residual
+    stream on ``device`` run as fused Triton kernels for DiT ``backend``: never with "eager" (the
+    official math), always with "fused" (an error naming the reason where they cannot run), with
+    "auto" as ``ops.ADALN`` decides (``DITFAST_ADALN_BACKEND``, else the kernels on CUDA)."""
+    return ops.ADALN.choose(_OP_REQUEST[backend]["adaln"], ops.AdaLNProblem, str(device), dtype, hidden) == "triton"
 
 
 def patch_ops_enabled(backend: str, device: torch.device) -> bool:
     """Whether DiT embeds patches and unpatchifies with the compiled ops of :mod:`ditfast.ops.patch`
     (one kernel each; the CFG combine fused into unpatchify): never with "eager" (official math),
-    always with "triton", and with "auto" on CUDA when ``ditfast._C`` has CUDA ops."""
-    if backend == "eager":
-        return False
-    return backend == "triton" or (device.type == "cuda" and op_available(device))
+    always with "fused", with "auto" as ``ops.PATCH`` decides (``DITFAST_PATCH_BACKEND``, else
+    compiled on CUDA when ``ditfast._C`` has CUDA ops)."""
+    return ops.PATCH.choose(_OP_REQUEST[backend]["patch"], ops.dispatch.OpProblem, str(device)) == "compiled"
+
+
+def timestep_compiled(backend: str, device: torch.device) -> bool:
+    """Whether the timestep features come from ``ditfast._C`` for DiT ``backend`` (``ops.TIMESTEP``)."""
+    return ops.TIMESTEP.choose(_OP_REQUEST[backend]["timestep"], ops.dispatch.OpProblem, str(device)) == "compiled"
 
 
 class TimestepEmbedder(nn.Module):
@@ -86,6 +83,7 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
+        self.backend = "auto"  # set by DiT; see timestep_compiled()
 
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
@@ -93,7 +91,10 @@ class TimestepEmbedder(nn.Module):
         return timestep_embedding_ref(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
+        if timestep_compiled(self.backend, t.device):  # the same features from ditfast._C, one kernel
+            t_freq = ops.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
+        else:
+            t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
         # in the MLP's dtype (a no-op for fp32 weights, as in the official model; lets a model cast to
         # float64 or to bf16 without autocast run)
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
@@ -189,17 +190,20 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-        self.backend = "auto"  # set by DiT; see adaln_ops()
+        self.backend = "auto"  # set by DiT; see adaln_fused()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x: (B, T, D), c: (B, D); with the eager ops this is exactly the official block:
-        #   x = x + gate_msa * attn(modulate(norm1(x), shift_msa, scale_msa))
-        #   x = x + gate_mlp * mlp(modulate(norm2(x), shift_mlp, scale_mlp))
-        f = adaln_ops(self.backend, x.device)
+        # x: (B, T, D) tokens, c: (B, D) conditioning -> (B, T, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = f.adaln_layernorm(x, shift_msa, scale_msa, self.norm1.eps)
-        x, h = f.gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
-        return f.gated_residual(x, self.mlp(h), gate_mlp)
+        if not adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):  # the official block
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            return x
+        # the same math in three fused kernels: norm1 + modulation; the attention's gated residual
+        # with norm2 + modulation (one pass over x); the MLP's gated residual
+        h = ops.adaln_layernorm(x, shift_msa, scale_msa, self.norm1.eps)  # modulate(norm1(x))
+        x, h = ops.gated_residual_adaln(x, self.attn(h), gate_msa, shift_mlp, scale_mlp, self.norm2.eps)
+        return ops.gated_residual(x, self.mlp(h), gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -210,10 +214,15 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.backend = "auto"  # set by DiT; see adaln_fused()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, T, p*p*C_out)
+        if adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):
+            h = ops.adaln_layernorm(x, shift, scale, self.norm_final.eps)  # one kernel
+        else:
+            h = modulate(self.norm_final(x), shift, scale)
+        return self.linear(h)  # (B, T, p*p*C_out)
 
 
 class DiT(nn.Module):
@@ -242,7 +251,6 @@ class DiT(nn.Module):
         attn_backend: str = "auto",
     ):
         super().__init__()
-        self._modulation_cache = None
         self.grad_checkpointing = False  # recompute each block in backward (less memory, ~1.3x compute)
         # Check the label values on every forward (one device-to-host read of min/max). Callers that
         # validate labels once up front, such as the sampling engine, turn it off: per step, that
@@ -373,63 +381,20 @@ class DiT(nn.Module):
         t = self.t_embedder(t)  # (B, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         c = t + y  # (B, D)
-        f = adaln_ops(self.backend, x.device)
-        mods = self.modulations(c, one_gemm=f is FUSED_OPS)  # per block 6 (B, D), then the final 2
-        # The official blocks, with each residual add fused into the LayerNorm that follows it:
-        # the MLP residual of block i goes with block i+1's norm1 (the final layer's norm after the last).
-        h = f.adaln_layernorm(x, *mods[0][:2])  # (B, T, D) = modulate(norm1(x), shift_msa, scale_msa)
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            args = (block, f, x, h, mods[i], mods[i + 1])
-            x, h = checkpoint(self._block_step, *args, use_reentrant=False) if checkpointed else self._block_step(*args)
-        return self.final_layer.linear(h)  # (B, T, p*p*C_out)
-
-    @staticmethod
-    def _block_step(block: DiTBlock, f: AdaLNOps, x, h, mod, next_mod) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block from h = modulate(norm1(x)): attention and MLP with gated residuals; returns the
-        new residual stream x and the next LayerNorm's modulated output (next block's or final)."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        x, h = f.gated_residual_adaln(x, block.attn(h), gate_msa, shift_mlp, scale_mlp)
-        return f.gated_residual_adaln(x, block.mlp(h), gate_mlp, *next_mod[:2])
-
-    def modulations(self, c: torch.Tensor, one_gemm: bool = False) -> list[tuple[torch.Tensor, ...]]:
-        """adaLN vectors of every block (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
-        gate_mlp) and of the final layer (shift, scale), each (B, D).
-
-        ``one_gemm=True`` computes them all with one GEMM over the concatenated per-block weights
-        (the state_dict keeps the official per-block names); the vectors are then strided views
-        of its (B, depth*6D + 2D) output.
-        """
-        linears = [b.adaLN_modulation[1] for b in self.blocks] + [self.final_layer.adaLN_modulation[1]]
-        if not one_gemm:
-            return [tuple(lin(F.silu(c)).chunk(lin.out_features // c.shape[1], dim=1)) for lin in linears]
-        weight, bias = self._stacked_modulation_params(linears)
-        flat = F.linear(F.silu(c), weight, bias).split(c.shape[1], dim=1)
-        return [tuple(flat[6 * i : 6 * i + 6]) for i in range(len(self.blocks))] + [tuple(flat[-2:])]
-
-    def _stacked_modulation_params(self, linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The adaLN Linears stacked into one (rows, D) weight and bias.
-
-        While training (grad enabled) they are concatenated on every call, so gradients flow to the
-        per-block parameters; for inference the stack is cached until a parameter changes (its
-        storage, version counter, dtype or device), which costs one copy of those weights.
-        """
-        params = [p for lin in linears for p in (lin.weight, lin.bias)]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._modulation_cache is None or self._modulation_cache[0] != key:
-            stacked = (torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))
-            self._modulation_cache = (key, stacked)
-        return self._modulation_cache[1]
+        for block in self.blocks:
+            x = checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)  # (B, T, D)
+        return self.final_layer(x, c)  # (B, T, p*p*C_out)
 
     @property
     def backend(self) -> str:
-        """Which ops run the adaLN LayerNorm/modulation/gated residuals: "auto", "eager" or "triton".
+        """Which ops run everything but attention (adaLN LayerNorm/modulation/gated residuals, patch
+        embedding, unpatchify, timestep features): "auto", "eager", "fused" ("triton": old name).
 
-        "eager" is the official PyTorch math; "triton" the fused kernels (an error where they cannot
-        run); "auto" (default) picks triton for CUDA tensors when triton is installed, else eager.
-        The patch embedding and unpatchify follow :func:`patch_ops_enabled`.
+        "eager" is the official PyTorch math; "fused" the Triton kernels and ``ditfast._C`` ops (an
+        error where one cannot run); "auto" (default) lets each op's dispatcher pick
+        (``ditfast.ops.dispatch``: the fast kernels on CUDA, the official math on the CPU). See
+        :func:`adaln_fused`, :func:`patch_ops_enabled`, :func:`timestep_compiled`.
         """
         return self._backend
 
@@ -438,8 +403,8 @@ class DiT(nn.Module):
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
-        for block in self.blocks:
-            block.backend = value
+        for module in (*self.blocks, self.final_layer, self.t_embedder):
+            module.backend = value
 
     @property
     def attn_backend(self) -> str:
@@ -454,10 +419,6 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.attn.backend = value
 
-    def _apply(self, fn, *args, **kwargs):
-        self._modulation_cache = None  # .to()/.half()/.cuda() replace the parameters
-        return super()._apply(fn, *args, **kwargs)
-
     def forward_with_cfg(
         self,
         x: torch.Tensor,
@@ -465,6 +426,7 @@ class DiT(nn.Module):
         y: torch.Tensor,
         cfg_scale: float,
         guide_all_channels: bool = False,
+        full_batch: bool = True,
     ) -> torch.Tensor:
         """Classifier-free guidance on a [cond; uncond] batch.
 
@@ -472,7 +434,9 @@ class DiT(nn.Module):
         ``guide_all_channels=False`` the official rule applies: only output channels ``[:3]`` are
         guided, everything else passes through from the model (kept for exact reproducibility of the
         published FIDs). ``guide_all_channels=True`` guides all ``in_channels`` eps channels (what
-        diffusers does) and passes through only the variance channels.
+        diffusers does) and passes through only the variance channels. ``full_batch=False`` (not in
+        the official signature) returns only the first half, what a sampler steps with; the fused
+        unpatchify then writes only that half.
         """
         if x.dim() < 1 or x.shape[0] % 2:
             raise ValueError(
@@ -484,13 +448,14 @@ class DiT(nn.Module):
         if patch_ops_enabled(self.backend, x.device):  # the lines below, fused into the unpatchify pass
             tokens = self.forward_tokens(combined, t, y)
             n_guided = min(n_guided, self.out_channels)
-            return ops.unpatchify_cfg(tokens, self.patch_size, self.out_channels, cfg_scale, n_guided, full_batch=True)
+            return ops.unpatchify_cfg(tokens, self.patch_size, self.out_channels, cfg_scale, n_guided, full_batch=full_batch)
         model_out = self.forward(combined, t, y)
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
-        return torch.cat([eps, rest], dim=1)
+        out = torch.cat([eps, rest], dim=1)
+        return out if full_batch else out[: len(half)]
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

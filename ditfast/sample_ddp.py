@@ -1,6 +1,6 @@
 """Multi-process sampling: ``torchrun --nproc_per_node=N -m ditfast.sample_ddp [ditfast sample options]``.
 
-The same run as ``ditfast sample`` (see :mod:`ditfast.sampling`): every rank builds the model, the
+The same run as ``ditfast sample`` (see :func:`ditfast.sampling.run`): every rank builds the model, the
 shards of ``--shard-size`` consecutive sample indices are dealt round-robin to the ranks (NCCL on
 GPUs, gloo on CPUs), each rank writes its finished shards atomically, a restarted run skips the
 finished ones, and rank 0 merges ``samples.npz`` in index order. Sample i depends only on
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from .sampling import main as _sample_main
+from .sample_cli import main as _sample_main
 
 __all__ = ["main"]
 

@@ -1,41 +1,26 @@
-"""Sampling DiT: ``ditfast sample ...``, ``torchrun --nproc_per_node=N -m ditfast.sample_ddp ...`` and
-:func:`ditfast.sample`.
-
-    ditfast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \\
-        --num-samples 50000 --cfg-scale 1.5 --sampler ddpm --steps 250 --out samples/
-
-The engine: one denoising step -- the model on the CFG-doubled batch, the CFG combine, the sampler
-update (:mod:`ditfast.samplers`) -- is one function over static buffers. ``--mode graph`` (the
-default on CUDA) captures it once as a CUDA graph and replays it per step: the step counter, the
-per-step scalars and the per-step noise live in device tensors that the graph itself indexes and
-advances, so a step costs one replay call. ``--mode eager`` runs the same function in a Python
-loop, ``--mode compile`` runs it compiled by ``torch.compile``. Weights are cast once to the
-compute dtype; the timestep embeddings of all steps are computed once, before the loop.
+"""Sampling runs: :func:`ditfast.sample` (in memory) and :func:`run` (sharded to a folder, single- or
+multi-process), the layer between the command line (:mod:`ditfast.sample_cli`) and the engine
+(:mod:`ditfast.engine`).
 
 Reproducibility: sample i gets its own noise stream, a generator seeded by (seed, i) that draws its
 initial noise and then, for stochastic samplers, all its per-step noise; random labels come from a
 second stream (seed, i, 1). So images depend on neither the batch size nor the number of ranks.
 
-Output (``--out DIR``): ``samples.npz`` (ADM format: ``arr_0`` uint8 NHWC images, ``arr_1`` labels),
-``grid.png``, ``images/000000.png`` ...; a model without VAE whose output is not 1 or 3 channels
-writes float32 latents (N, C, H, W) as ``arr_0`` instead, and no PNGs. Work is split into shards of
-``--shard-size`` consecutive indices, written atomically to ``DIR/shards/`` when finished; a
-restarted run skips finished shards; the first rank merges them in index order.
+Output of :func:`run` (``cfg.out``): ``samples.npz`` (ADM format: ``arr_0`` uint8 NHWC images,
+``arr_1`` labels), ``grid.png``, ``images/000000.png`` ...; a model without VAE whose output is not
+1 or 3 channels writes float32 latents (N, C, H, W) as ``arr_0`` instead, and no PNGs. Work is split
+into shards of ``shard_size`` consecutive indices, written atomically to ``DIR/shards/`` when
+finished; a restarted run skips finished shards; the first rank merges them in index order.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
 import dataclasses
 import datetime
 import importlib.util
 import json
 import math
 import os
-import re
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,22 +31,18 @@ import torch.distributed as dist
 
 from .checkpoint import load_model
 from .data import pixels_to_uint8
-from .flops import gflops
+from .engine import MODES as ENGINE_MODES, PRECISIONS, SamplingEngine, check_cfg_model
+from .flops import describe, gflops
 from .imageio import make_grid, save_png
 from .models import BACKENDS, DiT, DiT_models
-from .samplers import SAMPLERS, MAX_STEPS, Plan, make_plan, min_steps, update
-from .train import _generator, describe
+from .samplers import SAMPLERS, MAX_STEPS, Plan, make_plan, min_steps
+from .seeding import generator
 
-__all__ = ["SampleConfig", "SamplingEngine", "Generated", "sample", "run", "index_noise", "index_labels", "main"]
+__all__ = ["SampleConfig", "SamplingEngine", "Generated", "sample", "run", "index_noise", "index_labels"]
 
-# "fp64" is a reference mode (model, state and sampler arithmetic in float64): slow, but free of the
-# float32 rounding that differs with BLAS blocking, so it checks properties such as batch-size independence.
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-              "fp64": torch.float64}  # fmt: skip
-MODES = ("auto", "eager", "graph", "compile")
+MODES = ("auto", *ENGINE_MODES)
 OUTPUT = "samples.npz"
 MANIFEST = "sample_config.json"
-_SHARD = re.compile(r"^shard_(\d{8})_(\d{8})\.npz$")
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,7 +56,7 @@ def index_noise(seed: int, indices, shape: tuple[int, ...], steps: int = 0) -> t
     from its own generator seeded by (seed, i). float32 on the CPU."""
     z, noise = [], []
     for i in indices:
-        g = _generator(seed, int(i))
+        g = generator(seed, int(i))
         z.append(torch.randn(shape, generator=g))
         if steps:
             noise.append(torch.randn((steps, *shape), generator=g))
@@ -87,207 +68,8 @@ def index_labels(seed: int, indices, num_classes: int, labels=None) -> torch.Ten
     from sample i's label generator (seed, i, 1)."""
     if labels:
         return torch.tensor([labels[int(i) % len(labels)] for i in indices], dtype=torch.int64)
-    return torch.cat([torch.randint(num_classes, (1,), generator=_generator(seed, int(i), 1)) for i in indices])
+    return torch.cat([torch.randint(num_classes, (1,), generator=generator(seed, int(i), 1)) for i in indices])
 
-
-# ------------------------------------------------------------------------------------------
-# The engine
-# ------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _matmul_precision(precision: str):
-    """TF32 matmuls/convolutions on for every precision but strict fp32, restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-class _StepEmbedding(torch.nn.Module):
-    """Stands in for a DiT's ``t_embedder`` inside the engine: the current step's row of a table of
-    timestep embeddings computed once, before sampling, for every step of the plan, broadcast to
-    the batch. (Besides saving the per-sample work, the real embedder builds its frequency table on
-    the CPU and copies it over, which a CUDA graph cannot hold.)"""
-
-    def __init__(self, table: torch.Tensor, k: torch.Tensor):
-        super().__init__()
-        self.table, self.k = table, k  # (S, D) embeddings; (1,) int64 step counter
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.table.index_select(0, self.k).expand(len(t), -1)  # (B, D)
-
-
-def _with_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
-    """A shallow copy of ``model`` (sharing every parameter and other submodule) with submodule
-    ``name`` replaced; ``model`` itself is unchanged."""
-    view = copy.copy(model)
-    view._modules = dict(model._modules)
-    view._modules[name] = module
-    return view
-
-
-class SamplingEngine:
-    """Runs a :class:`~ditfast.samplers.Plan` on batches of up to ``batch_size`` samples.
-
-    ``model``: a DiT on its device, left unchanged: the engine runs a view of it whose timestep
-    embedder looks up a table computed once (see :class:`_StepEmbedding`), on a copy cast to the
-    compute dtype of ``precision`` when the weights are not in it. ``cfg_scale`` > 1 runs the model on the [cond; null]
-    doubled batch and guides with ``forward_with_cfg`` (the official 3-channel rule, or all eps
-    channels with ``guide_all_channels``); 1 runs the plain conditional model on the batch.
-    ``mode``: "eager", "graph" (CUDA only: captured on the first :meth:`run`) or "compile".
-
-    Static buffers (shapes fixed at construction): ``x`` (B, C, H, W) float32 state (float64 with
-    precision "fp64"), ``x0_prev``
-    (DPM-Solver++), ``noise`` (S, B, C, H, W) (stochastic plans), ``y`` (B or 2B,) labels, ``k``
-    (1,) int64 step counter, and the plan's ``timesteps`` (S,) and ``coefs`` (S, K) on the device.
-    """
-
-    def __init__(self, model: DiT, plan: Plan, *, batch_size: int, cfg_scale: float = 1.0, guide_all_channels: bool = False,
-                 precision: str = "fp32", mode: str = "eager"):  # fmt: skip
-        device = next(model.parameters()).device
-        if mode not in ("eager", "graph", "compile"):
-            raise ValueError(f"mode must be eager, graph or compile, got {mode!r}")
-        if mode == "graph" and device.type != "cuda":
-            raise ValueError(f"mode 'graph' captures a CUDA graph: it needs a CUDA device, the model is on {device}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch size must be positive, got {batch_size}")
-        if cfg_scale < 1:
-            raise ValueError(f"cfg scale must be >= 1, got {cfg_scale}")
-        if plan.learned_sigma != model.learn_sigma:
-            raise ValueError(f"the plan assumes learned_sigma={plan.learned_sigma} but the model has {model.learn_sigma}")
-        self.dtype = PRECISIONS[precision]
-        if any(p.dtype != self.dtype for p in model.parameters()):
-            model = copy.deepcopy(model).to(self.dtype)  # weights cast once; the caller's model is untouched
-        self.plan, self.precision, self.mode, self.device = plan, precision, mode, device
-        self.cfg_scale, self.guide_all_channels = float(cfg_scale), guide_all_channels
-        self.guided = cfg_scale > 1
-        if self.guided:
-            _check_cfg_model(model, guide_all_channels)
-        B, C, H = batch_size, model.in_channels, model.input_size
-        self.batch_size, self.rows = B, (2 * B if self.guided else B)
-        state = torch.float64 if self.dtype == torch.float64 else torch.float32  # the sampler's state and arithmetic
-        self.x = torch.zeros(B, C, H, H, device=device, dtype=state)
-        self.x0_prev = torch.zeros_like(self.x) if plan.multistep else None
-        self.noise = torch.zeros(plan.steps, B, C, H, H, device=device, dtype=state) if plan.stochastic else None
-        self.y = torch.zeros(self.rows, dtype=torch.int64, device=device)
-        self.k = torch.zeros(1, dtype=torch.int64, device=device)
-        self.timesteps, self.coefs = plan.timesteps.to(device), plan.coefs.to(device, state)
-        with torch.no_grad(), _matmul_precision(precision), self._autocast():
-            table = model.t_embedder(self.timesteps)  # (S, D): the timestep embedding of every step, once
-        self.model = _with_module(model, "t_embedder", _StepEmbedding(table, self.k))
-        self.model.training = False  # DiT reads its own flag for label dropout; the caller's model keeps its mode
-        self.model.check_label_range = False  # run() checks each batch's labels once, not every step (host sync)
-        self._graph = None
-        self._fn = self._denoise
-        if mode == "compile":
-            self._fn = torch.compile(self._denoise, mode="max-autotune-no-cudagraphs", dynamic=False)
-
-    def _denoise(self, x, x0_prev, k, y, noise):
-        """One step, pure: (x, x0_prev) at step k -> (x at step k+1, x0 prediction at step k)."""
-        t = self.timesteps.index_select(0, k)  # (1,) the original timestep (its embedding: _StepEmbedding)
-        c = self.coefs.index_select(0, k)[0]  # (K,)
-        with self._autocast():
-            if self.guided:
-                out = self.model.forward_with_cfg(torch.cat([x, x]), t.expand(self.rows), y, self.cfg_scale, self.guide_all_channels)
-                out = out[: self.batch_size]  # the guided rows, duplicated in the second half
-            else:
-                out = self.model(x, t.expand(self.rows), y)  # (B, C_out, H, W)
-        step_noise = noise.index_select(0, k)[0] if noise is not None else None
-        return update(self.plan, x, out, c, step_noise, x0_prev)
-
-    def _autocast(self):
-        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32/fp64."""
-        lowp = self.dtype in (torch.bfloat16, torch.float16)
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False)
-
-    def _step(self) -> None:
-        """Advance the static buffers by one step (what the CUDA graph holds)."""
-        x, x0 = self._fn(self.x, self.x0_prev, self.k, self.y, self.noise)
-        self.x.copy_(x)
-        if self.x0_prev is not None:
-            self.x0_prev.copy_(x0)
-        self.k.add_(1)
-
-    def _capture(self) -> None:
-        """Warm up on a side stream (cuBLAS/cuDNN handles, Triton JIT, model caches), then capture
-        one step. The buffers hold valid placeholders (zeros, label 0) while this runs."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.k.zero_()
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the noise prefetch thread may pin memory
-            self._step()
-        self._graph = graph
-
-    @torch.no_grad()
-    def prepare(self) -> None:
-        """Capture the CUDA graph now (graph mode; otherwise the first :meth:`run` does it)."""
-        if self.mode == "graph" and self._graph is None:
-            with _matmul_precision(self.precision):
-                self._capture()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """Advance the buffers by one step: a graph replay in graph mode. :meth:`run` loads a batch
-        and calls this ``plan.steps`` times; benchmarks call it directly (set ``k`` in range first)."""
-        if self._graph is not None:
-            self._graph.replay()
-        else:
-            self._step()
-
-    @torch.no_grad()
-    def run(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample n <= batch_size images: ``z`` (n, C, H, W) initial noise, ``labels`` (n,),
-        ``noise`` (S, n, C, H, W) per-step noise (stochastic plans). Returns the final (n, C, H, W)
-        float32 on the model's device. Rows past n are padding (zeros, label 0): every batch has
-        the same shape, so the kernels and their numerics do not depend on n. (float64 with
-        precision "fp64".)"""
-        n, B = len(z), self.batch_size
-        if not 1 <= n <= B or len(labels) != n:
-            raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
-        lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0 or hi >= self.model.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.model.num_classes - 1}], got values in [{lo}, {hi}]")
-        if tuple(z.shape[1:]) != tuple(self.x.shape[1:]):
-            raise ValueError(f"initial noise must be (n, {', '.join(map(str, self.x.shape[1:]))}), got {tuple(z.shape)}")
-        if self.plan.stochastic and (noise is None or tuple(noise.shape) != (self.plan.steps, n, *self.x.shape[1:])):
-            raise ValueError(f"the {self.plan.sampler} plan needs per-step noise ({self.plan.steps}, {n}, ...), "
-                             f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
-        self.prepare()
-        with _matmul_precision(self.precision):
-            self.x.zero_()
-            self.x[:n].copy_(z, non_blocking=True)
-            self.y.zero_()
-            self.y[:n].copy_(labels, non_blocking=True)
-            if self.guided:
-                self.y[B:].fill_(self.model.num_classes)  # the null class
-            if self.noise is not None:
-                self.noise.zero_()
-                self.noise[:, :n].copy_(noise, non_blocking=True)
-            if self.x0_prev is not None:
-                self.x0_prev.zero_()
-            self.k.zero_()
-            for _ in range(self.plan.steps):
-                self.step()
-            return self.x[:n].clone()
-
-
-def _check_cfg_model(model: DiT, guide_all_channels: bool) -> None:
-    if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise ValueError("classifier-free guidance (cfg scale > 1) needs a model with a null class "
-                         "(trained with class_dropout_prob > 0)")  # fmt: skip
-    if not guide_all_channels and model.in_channels < 3:
-        raise ValueError(f"the official CFG rule guides 3 eps channels but the model has {model.in_channels}; "
-                         "use guide_all_channels (--guide-all-channels)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -545,7 +327,7 @@ def sample(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | Non
 
 
 # ------------------------------------------------------------------------------------------
-# Runs with shards (the CLI, single- and multi-process)
+# Runs with shards (single- and multi-process)
 # ------------------------------------------------------------------------------------------
 
 
@@ -661,7 +443,7 @@ def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict
     model = build_model(cfg, device)
     _check_labels(cfg, model)
     if cfg.cfg_scale > 1:
-        _check_cfg_model(model, cfg.guide_all_channels)
+        check_cfg_model(model, cfg.guide_all_channels)
     plan = make_plan(cfg.sampler, cfg.steps, learned_sigma=model.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
     final = os.path.join(cfg.out, OUTPUT)
     _check_manifest(cfg)  # on every rank, so that all of them stop with the error
@@ -709,61 +491,3 @@ def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict
         print(f"stopped with {left} of {len(shards)} shard(s) left: run the same command again to finish")
     _barrier(world)
     return {"complete": complete, "made": made, "path": path or (final if complete else None), "images_per_s": rate}
-
-
-# ------------------------------------------------------------------------------------------
-# Command line
-# ------------------------------------------------------------------------------------------
-
-
-def _labels(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"labels must be integers separated by commas, got {text!r}") from None
-
-
-def build_parser(prog: str = "ditfast sample") -> argparse.ArgumentParser:
-    d = SampleConfig()
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="registry name (default DiT-XL/2, or inferred from --ckpt)")
-    p.add_argument("--ckpt", default=None, help="checkpoint (official .pt, training checkpoint, .safetensors); none: random weights")
-    p.add_argument("--input-size", type=int, default=None, help="latent side (random weights: default 32)")
-    p.add_argument("--num-classes", type=int, default=None, help="classes (random weights: default 1000)")
-    p.add_argument("--in-channels", type=int, default=None, help="latent channels (random weights: default 4)")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (sd-vae-ft-ema/-mse); none: latents out")
-    p.add_argument("--labels", type=_labels, default=None, help="class labels, e.g. 207,360,387; sample i gets labels[i %% len]; default random")
-    p.add_argument("--num-samples", type=int, default=None, help="default: the number of labels, else 16")
-    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
-    p.add_argument("--steps", type=int, default=d.steps, help="model evaluations (1..1000; ddpm/ddim >= 2)")
-    p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise scale")
-    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (>= 1; 1 = off)")
-    p.add_argument("--guide-all-channels", action="store_true", help="guide all eps channels (diffusers) instead of the official first 3")
-    p.add_argument("--clip-denoised", action="store_true", help="clamp the x0 prediction to [-1, 1] (pixel-space models)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU; fp64 is a slow reference mode")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, before CFG doubling")
-    p.add_argument("--mode", choices=MODES, default=d.mode, help="auto: graph on CUDA, eager on CPU")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="adaLN ops of the model")
-    p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard file (restart granularity)")
-    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per rank; rerun to continue")
-    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=d.png, help="per-image PNGs and grid.png")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
-    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "ditfast sample") -> int:
-    args = build_parser(prog).parse_args(argv)
-    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
-    try:
-        result = run(cfg)
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if result["complete"] or cfg.max_shards else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,8 +31,9 @@ import torch.distributed as dist
 from .checkpoint import check_state_dict
 from .data import Samples, digits_samples, image_folder_samples, latent_shard_samples
 from .diffusion import create_diffusion
-from .flops import gflops
+from .flops import describe, gflops
 from .models import DiT, SIZES
+from .seeding import generator
 
 __all__ = ["TrainConfig", "train", "build_model", "open_data", "main"]
 
@@ -115,27 +116,12 @@ def build_model(cfg: TrainConfig, data: Samples, device: torch.device) -> DiT:
     return model
 
 
-def describe(model: DiT) -> str:
-    """e.g. "DiT (depth 6, hidden 128, 2 heads, patch 4, 16x16x1 input)"."""
-    size = model.x_embedder.img_size[0]
-    return (f"DiT (depth {len(model.blocks)}, hidden {model.pos_embed.shape[-1]}, {model.num_heads} heads, "
-            f"patch {model.patch_size}, {size}x{size}x{model.in_channels} input)")  # fmt: skip
-
-
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision not in ("auto", "fp32", "tf32", "bf16"):
         raise ValueError(f"precision must be auto, fp32, tf32 or bf16, got {cfg.precision!r}")
     if cfg.precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return cfg.precision
-
-
-def _generator(seed: int, *stream: int) -> torch.Generator:
-    """A CPU generator for one (seed, stream...) tuple, e.g. (seed, step)."""
-    state = seed & 0x7FFF_FFFF_FFFF_FFFF
-    for value in stream:  # an LCG step per element: a fixed, platform-independent mixing
-        state = (state * 6364136223846793005 + value + 1442695040888963407) % (1 << 63)
-    return torch.Generator().manual_seed(state)
 
 
 def _check_labels(y: torch.Tensor, data: Samples, idx: torch.Tensor) -> None:
@@ -158,7 +144,7 @@ class _Order:
         for pos in range(start, start + count):
             epoch = pos // self.n
             if epoch != self._epoch:
-                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=_generator(self.seed, -1, epoch))
+                self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator(self.seed, -1, epoch))
             out.append(self._perm[pos % self.n])
         return torch.stack(out)
 
@@ -281,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
 
     model.train()
     for step in range(start, cfg.steps):
-        g = _generator(cfg.seed, step)
+        g = generator(cfg.seed, step)
         idx = order.take(step * cfg.global_batch, cfg.global_batch)[lo:hi]
         flips = torch.rand(cfg.global_batch, generator=g)[lo:hi] < 0.5
         x, y = data.get(idx, flips if flip_on else None)

@@ -202,7 +202,7 @@ def test_dit_attn_backend_keyword_and_attribute():
 
 @pytest.mark.parametrize("backend", ["auto", "sdpa-math", "triton"])
 def test_compile_fullgraph_attention(backend, monkeypatch):
-    monkeypatch.setattr(attn, "_CHOICES", {})  # dynamo traces the backend choice itself, not a cached answer
+    monkeypatch.setattr(attn.ATTENTION, "cache", {})  # dynamo traces the backend choice itself, not a cached answer
     if backend == "triton" and ops.triton_status(DEVICE) is not None:
         pytest.skip(f"Triton kernels unavailable: {ops.triton_status(DEVICE)}")
     module = randomize_(Attention(144, num_heads=2, qkv_bias=True)).to(DEVICE)

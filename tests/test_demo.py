@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from ditfast.demo import BUNDLED_MODEL, BUNDLED_RECIPE, DigitClassifier, load_bundled_model
+from ditfast.data.classifier import DigitClassifier
+from ditfast.demo import BUNDLED_MODEL, BUNDLED_RECIPE, load_bundled_model
 from ditfast.imageio import make_grid, read_png, save_png
 
 DOCUMENTED_MIN_ACCURACY = 0.90  # the README's claim for the bundled model's samples

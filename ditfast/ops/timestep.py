@@ -7,8 +7,14 @@ import math
 import torch
 
 from .._ext import extension_loaded, op_available, warn_fallback
+from .dispatch import CompiledBackend, Dispatcher, EagerBackend, register
 
 __all__ = ["timestep_embedding", "timestep_embedding_ref"]
+
+
+# Which a DiT's TimestepEmbedder runs (see ditfast.ops.dispatch); "auto": compiled on CUDA only.
+TIMESTEP = register(Dispatcher("timestep", [EagerBackend(), CompiledBackend()], {"cuda": ["compiled", "eager"], "cpu": ["eager"]},
+                               "DITFAST_TIMESTEP_BACKEND", ["eager"]))  # fmt: skip
 
 
 def timestep_embedding_ref(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

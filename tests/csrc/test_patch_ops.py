@@ -324,10 +324,13 @@ def test_patch_ops_enabled_rules(monkeypatch):
     assert not models.patch_ops_enabled("eager", cuda) and not models.patch_ops_enabled("eager", cpu)
     assert models.patch_ops_enabled("triton", cpu)
     assert not models.patch_ops_enabled("auto", cpu)  # CPU "auto" keeps the official math
-    monkeypatch.setattr(models, "op_available", lambda device: True)
-    assert models.patch_ops_enabled("auto", cuda)
-    monkeypatch.setattr(models, "op_available", lambda device: False)
-    assert not models.patch_ops_enabled("auto", cuda)
+    import ditfast._ext
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, as far as dispatch asks
+    for built_with_cuda in (True, False):
+        monkeypatch.setattr(ops.PATCH, "cache", {})
+        monkeypatch.setattr(ditfast._ext, "op_available", lambda device, ok=built_with_cuda: ok)
+        assert models.patch_ops_enabled("auto", cuda) is built_with_cuda
 
 
 @needs_ext

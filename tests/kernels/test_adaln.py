@@ -7,6 +7,7 @@ tests/conftest.py) on small shapes; on a GPU the same tests run on CUDA with the
 from __future__ import annotations
 
 import itertools
+import os
 import math
 
 import pytest
@@ -184,14 +185,19 @@ def test_compile_fullgraph_dit_block_forward_backward():
 @pytest.mark.parametrize("rows", [2, 4])
 def test_programs_covering_several_rows(poison, monkeypatch, rows):
     """Small shapes launch one row per program; force several (with a ragged last group) too: ROWS
-    consecutive rows per forward program, and G_MAX = rows groups per sample in the backward."""
-    launch = kernels._launch_params
-    monkeypatch.setattr(kernels, "_launch_params", lambda B, N, D: (launch(B, N, D)[0], rows, 4))
-    monkeypatch.setattr(kernels, "G_MAX", rows)
+    consecutive rows per forward program, and G_MAX = rows groups per sample in the backward.
+    Determinism across launch parameters: every per-row result (r, h, dx, dy) is bit-identical to
+    the default launch's; only the reductions over rows (the vector gradients) change order."""
     B, N, D = 3, 7, 384
     inputs = make_inputs(B, N, D, torch.float32)
     grads_out = [torch.randn(B, N, D, device=DEVICE) for _ in range(2)]
+    default_out, default_grad = forward_backward("gated_residual_adaln", leaves_like(inputs, lambda t: t), "fused", grads_out)
+    launch = kernels._launch_params
+    monkeypatch.setattr(kernels, "_launch_params", lambda B, N, D: (launch(B, N, D)[0], rows, 4))
+    monkeypatch.setattr(kernels, "G_MAX", rows)
     got_out, got_grad = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
+    for a, b, label in zip(got_out + got_grad[:2], default_out + default_grad[:2], ["r", "h", "dx", "dy"]):
+        assert torch.equal(a, b), f"{label}: rows={rows} differs from the default launch"
     ref_out, ref_grad = forward_backward("gated_residual_adaln", leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
     for g, r in zip(got_out + got_grad, ref_out + ref_grad):
         assert_close(g, r.float(), rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()), what=f"rows={rows}")
@@ -209,16 +215,16 @@ if CUDA:
 
 
 @pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "B{}N{}D{}".format(*s))
-def test_backward_row_groups_against_fp64_and_bitwise_reproducible(poison, shape):
+def test_backward_row_groups_against_fp64(poison, shape):
+    """(Run-to-run determinism needs no test of its own: no atomics, and the partials' order is a
+    function of the shape; test_programs_covering_several_rows checks results across launch parameters.)"""
     B, N, D = shape
     gen = torch.Generator().manual_seed(1)
     grads_out = [torch.randn(B, N, D, generator=gen).to(DEVICE) for _ in range(2)]
     inputs = make_inputs(B, N, D, torch.float32)
     _, first = forward_backward("gated_residual_adaln", inputs, "fused", grads_out)
-    _, second = forward_backward("gated_residual_adaln", leaves_like(inputs, lambda t: t), "fused", grads_out)
     _, ref = forward_backward("gated_residual_adaln", leaves_like(inputs, torch.Tensor.double), "ref", [g.double() for g in grads_out])
-    for a, b, r, label in zip(first, second, ref, ["dx", "dy", "dmod"]):
-        assert torch.equal(a, b), f"{label} {shape}: two runs differ"
+    for a, r, label in zip(first, ref, ["dx", "dy", "dmod"]):
         rtol, atol = TOLERANCES[("bwd", torch.float32)]
         assert_close(a, r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()), what=f"{label} {shape}")
 
@@ -318,7 +324,7 @@ def test_autocast_writes_h_in_autocast_dtype(poison, op, vec_dtype):
 
 
 def test_autocast_dit_block_feeds_linears_in_autocast_dtype():
-    """Under autocast both backends hand the block's Linears bf16 h and keep the residual stream
+    """Under autocast the fused ops hand the block's Linears bf16 h and keep the residual stream
     fp32; fused (eager and compiled with fullgraph=True) agrees with the official math."""
     from torch._dynamo.backends.debugging import aot_eager
 
@@ -346,7 +352,10 @@ def test_autocast_dit_block_feeds_linears_in_autocast_dtype():
         out.square().sum().backward()
         for hook in hooks:
             hook.remove()
-        assert seen == [torch.bfloat16] * len(linears), f"{name}: Linear inputs {seen}"
+        # the official block (eager) hands its Linears fp32 and autocast casts inside them; the
+        # fused ops write h in bf16 directly
+        expected = torch.float32 if name == "eager" else torch.bfloat16
+        assert seen == [expected] * len(linears), f"{name}: Linear inputs {seen}"
         assert out.dtype == x.grad.dtype == torch.float32, f"{name}: out {out.dtype}, dx {x.grad.dtype}"
         results[name] = out.detach(), x.grad.clone()
     # the traced graph applied autocast too: both LayerNorms write h (output 1) in bf16
@@ -358,3 +367,40 @@ def test_autocast_dit_block_feeds_linears_in_autocast_dtype():
         out, dx = results[name]
         assert_close(out, out_e, dtype=torch.bfloat16, what=f"{name} block under autocast")
         assert_close(dx, dx_e, dtype=torch.bfloat16, kind="bwd", atol=5e-2 * dx_e.abs().max().item(), what=f"{name} block dx under autocast")
+
+
+def test_pytorch_fallback_without_the_interpreter():
+    """On CPU tensors without TRITON_INTERPRET the ops run their PyTorch statement of the kernels'
+    fp32 math (``_adaln_fwd_torch`` / ``_adaln_bwd_torch``); the rest of this file runs the
+    interpreter, so a fresh process checks that path, forward and backward, against fp64."""
+    import subprocess
+    import sys
+
+    code = r"""
+import torch
+from ditfast import ops
+assert ops.triton_status("cpu") is not None, "the interpreter is on: this would not test the fallback"
+torch.manual_seed(0)
+B, N, D = 2, 17, 48
+x, y = torch.randn(B, N, D, requires_grad=True), torch.randn(B, N, D, requires_grad=True)
+gate, shift, scale = (torch.randn(B, D, requires_grad=True) for _ in range(3))
+args = (x, y, gate, shift, scale)
+for fn, ref, ins in ((ops.gated_residual_adaln, ops.gated_residual_adaln_ref, args),
+                     (ops.adaln_layernorm, ops.adaln_layernorm_ref, (x, shift, scale)),
+                     (ops.gated_residual, ops.gated_residual_ref, (x, y, gate))):
+    out = fn(*ins)
+    outs = out if isinstance(out, tuple) else (out,)
+    d_ins = [t.detach().double().requires_grad_() for t in ins]
+    r = ref(*d_ins)
+    refs = r if isinstance(r, tuple) else (r,)
+    grads = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, ins, grads)
+    want = torch.autograd.grad(refs, d_ins, [g.double() for g in grads])
+    for a, e in zip((*outs, *got), (*refs, *want)):
+        err = ((a.double() - e).abs().max() / e.abs().max()).item()
+        assert err < 1e-5, (fn.__name__, err)
+print("fallback ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "fallback ok" in proc.stdout, proc.stderr[-2000:]

@@ -1,0 +1,74 @@
+"""Sampling DiT: ``ditfast sample ...`` and ``torchrun --nproc_per_node=N -m ditfast.sample_ddp ...``.
+
+    ditfast sample --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema/ \\
+        --num-samples 50000 --cfg-scale 1.5 --sampler ddpm --steps 250 --out samples/
+
+The options fill a :class:`ditfast.sampling.SampleConfig` and :func:`ditfast.sampling.run` makes the
+samples (what it writes to ``--out DIR``, and how restarts and ranks share the work, is described
+there); the denoising loop itself is :class:`ditfast.engine.SamplingEngine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .models import BACKENDS
+from .samplers import SAMPLERS
+from .sampling import MODES, PRECISIONS, SampleConfig, run
+
+__all__ = ["build_parser", "main"]
+
+
+def _labels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"labels must be integers separated by commas, got {text!r}") from None
+
+
+def build_parser(prog: str = "ditfast sample") -> argparse.ArgumentParser:
+    d = SampleConfig()
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="registry name (default DiT-XL/2, or inferred from --ckpt)")
+    p.add_argument("--ckpt", default=None, help="checkpoint (official .pt, training checkpoint, .safetensors); none: random weights")
+    p.add_argument("--input-size", type=int, default=None, help="latent side (random weights: default 32)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes (random weights: default 1000)")
+    p.add_argument("--in-channels", type=int, default=None, help="latent channels (random weights: default 4)")
+    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder (sd-vae-ft-ema/-mse); none: latents out")
+    p.add_argument("--labels", type=_labels, default=None, help="class labels, e.g. 207,360,387; sample i gets labels[i %% len]; default random")
+    p.add_argument("--num-samples", type=int, default=None, help="default: the number of labels, else 16")
+    p.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
+    p.add_argument("--steps", type=int, default=d.steps, help="model evaluations (1..1000; ddpm/ddim >= 2)")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM noise scale")
+    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="classifier-free guidance scale (>= 1; 1 = off)")
+    p.add_argument("--guide-all-channels", action="store_true", help="guide all eps channels (diffusers) instead of the official first 3")
+    p.add_argument("--clip-denoised", action="store_true", help="clamp the x0 prediction to [-1, 1] (pixel-space models)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU; fp64 is a slow reference mode")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, before CFG doubling")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="auto: graph on CUDA, eager on CPU")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="adaLN ops of the model")
+    p.add_argument("--out", default=d.out, help="output folder")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard file (restart granularity)")
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per rank; rerun to continue")
+    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=d.png, help="per-image PNGs and grid.png")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    p.add_argument("--device", default=None, help="default: cuda (LOCAL_RANK) when available, else cpu")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "ditfast sample") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cfg = SampleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SampleConfig)})
+    try:
+        result = run(cfg)
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result["complete"] or cfg.max_shards else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Seeded random streams shared by training and sampling: :func:`generator` gives the CPU generator
+of one (seed, stream...) tuple, so every draw is addressed by what it is for -- a training step
+(seed, step), an epoch's data order (seed, -1, epoch), sample i's noise (seed, i) or its label
+(seed, i, 1) -- and does not depend on batch sizes, rank counts or what was drawn before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["generator"]
+
+
+def generator(seed: int, *stream: int) -> torch.Generator:
+    """A CPU generator for one (seed, stream...) tuple, e.g. (seed, step)."""
+    state = seed & 0x7FFF_FFFF_FFFF_FFFF
+    for value in stream:  # an LCG step per element: a fixed, platform-independent mixing
+        state = (state * 6364136223846793005 + value + 1442695040888963407) % (1 << 63)
+    return torch.Generator().manual_seed(state)
