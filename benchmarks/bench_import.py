@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default="import_cpu.csv")
+    p.add_argument("--what", default="import", help="the rows' what column, e.g. to label a run of another checkout")
     args = p.parse_args(argv)
     if args.reps < 3:
         p.error("--reps must be at least 3 (median and quantiles)")
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
         ms = sorted((t - base) * 1e3 for t in times[name])
         q = statistics.quantiles(ms, n=10, method="inclusive")
         medians[name] = statistics.median(ms)
-        rows.append(dict(what="import", shape="", dtype="", provider=name, median_ms=f"{medians[name]:.1f}",
+        rows.append(dict(what=args.what, shape="", dtype="", provider=name, median_ms=f"{medians[name]:.1f}",
                          p20_ms=f"{q[1]:.1f}", p80_ms=f"{q[7]:.1f}", tflops="", gbps="",
                          **environment("cpu")))  # fmt: skip
         print(f"{name:15s} median {medians[name]:7.1f} ms (p20 {q[1]:.1f}, p80 {q[7]:.1f}; {args.reps} runs)")
