@@ -16,6 +16,18 @@ tensor and returns that layout, so each one pays for exactly the copies its kern
     sdpa-math       ... forced to the math (composite) path         as sdpa
     triton          ditfast's Triton kernel (ditfast.ops.attention) none / none, forward and backward
 
+Cross-attention (the DiT paper's "cross-attention" block design) has its own entry point and
+dispatcher, ``CROSS_ATTENTION`` ("cross-attention", ``DITFAST_CROSS_ATTN_BACKEND``):
+
+    cross_attention(q, kv, num_heads, *, scale=None, backend="auto")  -> (B, N, H*Dh)
+
+``q`` is the query Linear's output (B, N, H*Dh) of the image tokens, ``kv`` the key/value Linear's
+output (B, M, 2*H*Dh) of the M conditioning tokens, rows [k | v], each head-major. The same
+backends serve it, each with its own cross-attention call: flash-attn's
+``flash_attn_kvpacked_func`` reads q and the packed kv in place, xformers and the SDPA kernels take
+strided views of separate q, k, v. ditfast's Triton kernel does not fit (its reason says why: it
+reads q, k and v from one packed qkv tensor of the same tokens).
+
 Each backend is a small class declaring the devices, dtypes, minimum CUDA compute capability,
 largest head dim and backward support it has; ``not_supported_reasons(problem)`` says in words
 why it cannot run a given problem (missing package, device, dtype, ...; on CUDA the SDPA kernels
@@ -45,7 +57,10 @@ from .ops.dispatch import Backend, BackendError, Dispatcher, dtype_name, registe
 
 __all__ = [
     "attention",
+    "cross_attention",
+    "cross_attention_ref",
     "select_backend",
+    "select_cross_backend",
     "check_backend_name",
     "describe",
     "AttentionProblem",
@@ -55,9 +70,14 @@ __all__ = [
     "PRIORITY",
     "ENV_VAR",
     "ATTENTION",
+    "CROSS_ATTENTION",
+    "CROSS_BACKENDS",
+    "CROSS_PRIORITY",
+    "CROSS_ENV_VAR",
 ]
 
 ENV_VAR = "DITFAST_ATTN_BACKEND"
+CROSS_ENV_VAR = "DITFAST_CROSS_ATTN_BACKEND"
 
 # Backends tried by backend="auto", per device type, first that fits wins.
 #
@@ -76,6 +96,9 @@ PRIORITY: dict[str, list[str]] = {
     "cpu": ["sdpa"],
 }
 DEFAULT_PRIORITY = ["sdpa"]  # any other device type
+# Cross-attention (N queries, 2 keys): PROVISIONAL, NOT MEASURED either; the self-attention order
+# without ditfast's Triton kernel, which cannot run it.
+CROSS_PRIORITY: dict[str, list[str]] = {device: [n for n in names if n != "triton"] for device, names in PRIORITY.items()}
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -124,6 +147,14 @@ class AttentionBackend(Backend):
     dtypes = HALF_DTYPES
     max_head_dim: int | None = None
     supports_backward: bool = True
+    cross_unsupported: str | None = None  # why its kernel cannot run cross-attention (None: it can)
+
+    def __init__(self, cross: bool = False):
+        self.cross = cross  # an entry of the cross-attention dispatcher (its calls are cross_attend)
+
+    def device_reasons(self, device):
+        reasons = super().device_reasons(device)
+        return [self.cross_unsupported, *reasons] if self.cross and self.cross_unsupported else reasons
 
     def declared_reasons(self, problem: AttentionProblem) -> list[str]:
         reasons = []
@@ -140,6 +171,10 @@ class AttentionBackend(Backend):
 
     def __call__(self, qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
         """Packed qkv (B, N, 3*H*Dh) -> (B, N, H*Dh)."""
+        raise NotImplementedError
+
+    def cross_attend(self, q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+        """q (B, N, H*Dh), packed kv (B, M, 2*H*Dh) -> (B, N, H*Dh)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -162,6 +197,13 @@ class FlashAttnBackend(AttentionBackend):
         out = flash_attn_qkvpacked_func(qkv.unflatten(-1, (3, num_heads, -1)), softmax_scale=scale)  # (B, N, H, Dh)
         return out.flatten(2)
 
+    def cross_attend(self, q, kv, num_heads, scale):
+        from flash_attn import flash_attn_kvpacked_func
+
+        # q (B, N, H, Dh) and kv (B, M, 2, H, Dh), both views in place
+        out = flash_attn_kvpacked_func(q.unflatten(-1, (num_heads, -1)), kv.unflatten(-1, (2, num_heads, -1)), softmax_scale=scale)
+        return out.flatten(2)
+
 
 class XFormersBackend(AttentionBackend):
     """xformers' memory_efficient_attention on strided (B, N, H, Dh) views of qkv: no copies."""
@@ -179,6 +221,12 @@ class XFormersBackend(AttentionBackend):
         q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(2)  # each (B, N, H, Dh), strided views
         return memory_efficient_attention(q, k, v, scale=scale).flatten(2)
 
+    def cross_attend(self, q, kv, num_heads, scale):
+        from xformers.ops import memory_efficient_attention
+
+        k, v = kv.unflatten(-1, (2, num_heads, -1)).unbind(2)  # each (B, M, H, Dh), strided views
+        return memory_efficient_attention(q.unflatten(-1, (num_heads, -1)), k, v, scale=scale).flatten(2)
+
 
 _TORCH_CHECKS = {  # torch's own verdict per forced kernel (torch.backends.cuda.can_use_*)
     "FLASH_ATTENTION": "can_use_flash_attention",
@@ -193,11 +241,18 @@ def _sdpa_views(qkv: torch.Tensor, num_heads: int):
     return qkv.reshape(B, N, 3, num_heads, three_d // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _sdpa_cross_views(q: torch.Tensor, kv: torch.Tensor, num_heads: int):
+    """q (B, H, N, Dh), k and v (B, H, M, Dh): strided views of the query and packed kv projections."""
+    k, v = kv.unflatten(-1, (2, num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q.unflatten(-1, (num_heads, -1)).transpose(1, 2), k, v
+
+
 class SDPABackend(AttentionBackend):
     """torch's F.scaled_dot_product_attention, with torch's own kernel choice or one kernel forced."""
 
-    def __init__(self, name: str, kernel: str | None, **declarations):
+    def __init__(self, name: str, kernel: str | None, cross: bool = False, **declarations):
         """``kernel``: an ``SDPBackend`` member name to force (e.g. "FLASH_ATTENTION"), None for torch's choice."""
+        super().__init__(cross)
         self.name, self.kernel_name = name, kernel
         self.kernel = getattr(SDPBackend, kernel) if kernel and hasattr(SDPBackend, kernel) else None
         for key, value in declarations.items():
@@ -214,10 +269,7 @@ class SDPABackend(AttentionBackend):
         if check is None or torch.device(problem.device).type != "cuda":
             return []
         try:
-            # a qkv Linear output of this problem's layout (a short sequence: no check depends on N)
-            probe = torch.empty(1, 64, 3 * problem.num_heads * problem.head_dim, device=problem.device,
-                                dtype=problem.dtype, requires_grad=problem.needs_grad)  # fmt: skip
-            q, k, v = _sdpa_views(probe, problem.num_heads)
+            q, k, v = self._probe(problem)
             try:
                 params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
             except TypeError:  # torch < 2.5 has no enable_gqa argument
@@ -232,15 +284,32 @@ class SDPABackend(AttentionBackend):
         detail = "; ".join(str(w.message).strip() for w in caught)
         return [f"torch declines these inputs{': ' + detail if detail else ''}"]
 
+    def _probe(self, problem):
+        """q, k, v laid out as this backend's calls make them from Linear outputs of this problem's
+        layout: a short sequence (no check depends on N), 2 keys for cross-attention."""
+        def linear_out(tokens: int, parts: int) -> torch.Tensor:
+            return torch.empty(1, tokens, parts * problem.num_heads * problem.head_dim, device=problem.device,
+                               dtype=problem.dtype, requires_grad=problem.needs_grad)  # fmt: skip
+
+        if self.cross:
+            return _sdpa_cross_views(linear_out(64, 1), linear_out(2, 2), problem.num_heads)
+        return _sdpa_views(linear_out(64, 3), problem.num_heads)
+
+    def _sdpa(self, q, k, v, scale):
+        if self.kernel_name is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        with sdpa_kernel(self.kernel):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
     def __call__(self, qkv, num_heads, scale):
         B, N, three_d = qkv.shape
-        q, k, v = _sdpa_views(qkv, num_heads)  # each (B, H, N, Dh)
-        if self.kernel_name is None:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        else:
-            with sdpa_kernel(self.kernel):
-                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = self._sdpa(*_sdpa_views(qkv, num_heads), scale)  # q, k, v each (B, H, N, Dh)
         return out.transpose(1, 2).reshape(B, N, three_d // 3)  # (B, N, H*Dh)
+
+    def cross_attend(self, q, kv, num_heads, scale):
+        B, N, D = q.shape
+        out = self._sdpa(*_sdpa_cross_views(q, kv, num_heads), scale)  # (B, H, N, Dh)
+        return out.transpose(1, 2).reshape(B, N, D)
 
 
 class TritonBackend(AttentionBackend):
@@ -251,6 +320,10 @@ class TritonBackend(AttentionBackend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     min_compute_capability = (8, 0)
     max_head_dim = MAX_HEAD_DIM
+    cross_unsupported = (
+        "ditfast's kernel reads q, k and v from one packed qkv tensor of the same tokens; cross-attention's "
+        "queries (the image tokens) and keys/values (the conditioning tokens) are separate tensors of other lengths"
+    )
 
     def device_reasons(self, device):
         reasons = super().device_reasons(device)
@@ -263,25 +336,29 @@ class TritonBackend(AttentionBackend):
         return ops.packed_attention(qkv, num_heads, scale)
 
 
-def _sdpa_cuda(name: str, kernel: str, dtypes, cc, max_head_dim) -> SDPABackend:
-    return SDPABackend(name, kernel, device_types=("cuda",), dtypes=dtypes, min_compute_capability=cc, max_head_dim=max_head_dim)
+def _sdpa_cuda(name: str, kernel: str, dtypes, cc, max_head_dim, cross: bool) -> SDPABackend:
+    return SDPABackend(name, kernel, cross, device_types=("cuda",), dtypes=dtypes, min_compute_capability=cc, max_head_dim=max_head_dim)
 
 
-def _make_backends() -> list[AttentionBackend]:
+def _make_backends(cross: bool = False) -> list[AttentionBackend]:
+    """Every backend, for the self-attention dispatcher or (``cross``) the cross-attention one."""
     return [
-        FlashAttnBackend(),
-        XFormersBackend(),
-        SDPABackend("sdpa", None, device_types=None, dtypes=FLOAT_DTYPES),
-        _sdpa_cuda("sdpa-flash", "FLASH_ATTENTION", HALF_DTYPES, (8, 0), 256),
-        _sdpa_cuda("sdpa-cudnn", "CUDNN_ATTENTION", HALF_DTYPES, (8, 0), 256),
-        _sdpa_cuda("sdpa-efficient", "EFFICIENT_ATTENTION", (torch.float16, torch.bfloat16, torch.float32), (5, 0), None),
-        SDPABackend("sdpa-math", "MATH", device_types=None, dtypes=FLOAT_DTYPES),
-        TritonBackend(),
+        FlashAttnBackend(cross),
+        XFormersBackend(cross),
+        SDPABackend("sdpa", None, cross, device_types=None, dtypes=FLOAT_DTYPES),
+        _sdpa_cuda("sdpa-flash", "FLASH_ATTENTION", HALF_DTYPES, (8, 0), 256, cross),
+        _sdpa_cuda("sdpa-cudnn", "CUDNN_ATTENTION", HALF_DTYPES, (8, 0), 256, cross),
+        _sdpa_cuda("sdpa-efficient", "EFFICIENT_ATTENTION", (torch.float16, torch.bfloat16, torch.float32), (5, 0), None, cross),
+        SDPABackend("sdpa-math", "MATH", cross, device_types=None, dtypes=FLOAT_DTYPES),
+        TritonBackend(cross),
     ]
 
 
 ATTENTION = register(Dispatcher("attention", _make_backends(), PRIORITY, ENV_VAR, DEFAULT_PRIORITY, error=AttentionBackendError))
 BACKENDS: dict[str, AttentionBackend] = ATTENTION.backends
+CROSS_ATTENTION = register(Dispatcher("cross-attention", _make_backends(cross=True), CROSS_PRIORITY, CROSS_ENV_VAR,
+                                      DEFAULT_PRIORITY, error=AttentionBackendError))  # fmt: skip
+CROSS_BACKENDS: dict[str, AttentionBackend] = CROSS_ATTENTION.backends
 
 
 def check_backend_name(name: str) -> str:
@@ -311,6 +388,53 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, 
     chosen = select_backend(qkv, num_heads, backend)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     return chosen(qkv, num_heads, head_dim**-0.5 if scale is None else scale)
+
+
+def _check_cross_inputs(q: torch.Tensor, kv: torch.Tensor, num_heads: int) -> int:
+    """The head dim of cross-attention inputs q (B, N, H*Dh), kv (B, M, 2*H*Dh); else a ValueError."""
+    for name, t in (("q", q), ("kv", kv)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating-point 3-D tensor, got {got}")
+    width = q.shape[-1]
+    if num_heads < 1 or width % num_heads or width == 0:
+        raise ValueError(f"q's width {width} must be a positive multiple of num_heads {num_heads}")
+    if kv.shape[0] != q.shape[0] or kv.shape[-1] != 2 * width or kv.dtype != q.dtype or kv.device != q.device:
+        raise ValueError(
+            f"kv must be (B, M, 2*{width}) = ({q.shape[0]}, M, {2 * width}) of q's dtype {q.dtype} on {q.device}, "
+            f"got {tuple(kv.shape)} {kv.dtype} on {kv.device}"
+        )
+    return width // num_heads
+
+
+def select_cross_backend(q: torch.Tensor, kv: torch.Tensor, num_heads: int, backend: str = "auto") -> AttentionBackend:
+    """The backend ``cross_attention(q, kv, num_heads, backend=backend)`` runs (errors as it would)."""
+    head_dim = _check_cross_inputs(q, kv, num_heads)
+    CROSS_ATTENTION.check_name(backend)
+    needs_grad = (q.requires_grad or kv.requires_grad) and torch.is_grad_enabled()
+    return CROSS_BACKENDS[CROSS_ATTENTION.choose(backend, AttentionProblem, str(q.device), q.dtype, num_heads, head_dim, needs_grad)]
+
+
+def cross_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, *, scale: float | None = None,
+                    backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """Softmax attention of queries q (B, N, H*Dh) to packed keys/values kv (B, M, 2*H*Dh), rows
+    [k | v] each head-major -> (B, N, H*Dh), through the chosen backend.
+
+    ``scale`` defaults to Dh**-0.5. ``backend``: "auto" (``DITFAST_CROSS_ATTN_BACKEND`` if set, else
+    the first backend of ``CROSS_PRIORITY[device type]`` that fits) or a name from ``CROSS_BACKENDS``.
+    """
+    chosen = select_cross_backend(q, kv, num_heads, backend)
+    head_dim = q.shape[-1] // num_heads
+    return chosen.cross_attend(q, kv, num_heads, head_dim**-0.5 if scale is None else scale)
+
+
+def cross_attention_ref(q: torch.Tensor, kv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """:func:`cross_attention` in plain PyTorch matmuls and softmax, in the inputs' dtype."""
+    B, N, D = q.shape
+    qh, k, v = _sdpa_cross_views(q, kv, num_heads)  # (B, H, N, Dh), (B, H, M, Dh) twice
+    scale = (D // num_heads) ** -0.5 if scale is None else scale
+    out = torch.softmax((qh @ k.transpose(-1, -2)) * scale, dim=-1) @ v  # (B, H, N, Dh)
+    return out.transpose(1, 2).reshape(B, N, D)
 
 
 def describe(device: torch.device | str | None = None) -> dict[str, str]:

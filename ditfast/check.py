@@ -4,8 +4,10 @@ real shapes against its float64 reference; a table, and a non-zero exit on any f
     ditfast check [--json OUT.json] [--small]
 
 Checked, as the dispatch layer (``ditfast.ops.dispatch``) declares what can run here: the fused
-adaLN ops forward and backward (Triton), every attention backend forward and backward, the
-compiled patch ops and timestep embedding (``ditfast._C``), and on
+adaLN ops forward and backward (Triton; also without a gate and as a standard affine LayerNorm,
+as the adaLN, in-context and cross-attention block designs use them), every attention and
+cross-attention backend forward and backward, the compiled patch ops and timestep embedding
+(``ditfast._C``), and on
 CUDA one captured CUDA-graph sampling step against the same step run eagerly. On a GPU the shapes
 are DiT-XL/2's (D 1152, 256 tokens, 16 heads of 72; head dim 64 as in DiT-B too); on a CPU (or
 with ``--small``) small shapes, the Triton kernels under Triton's interpreter. What cannot be
@@ -111,6 +113,15 @@ def check_adaln(device: torch.device, small: bool) -> list[Result]:
         rows += compare("gated_residual_adaln", "triton", shape, ops.gated_residual_adaln, ops.gated_residual_adaln_ref,
                         (x, y, gate, shift, scale), dtype)  # fmt: skip
         rows += compare("gated_residual", "triton", shape, ops.gated_residual, ops.gated_residual_ref, (x, y, gate), dtype)
+        # what the other block designs add: the residual without a gate (adaLN), and a standard
+        # LayerNorm's weight and bias as the modulation (in-context, cross-attention)
+        ungated = lambda op: lambda x_, y_, shift_, scale_: op(x_, y_, None, shift_, scale_)  # noqa: E731
+        rows += compare("gated_residual_adaln (no gate)", "triton", shape, ungated(ops.gated_residual_adaln),
+                        ungated(ops.gated_residual_adaln_ref), (x, y, shift, scale), dtype)  # fmt: skip
+        weight, bias = 1 + 0.5 * torch.randn(D, device=device), 0.5 * torch.randn(D, device=device)
+        affine_ln = lambda x_, w, b: ops.adaln_layernorm(x_, *ops.affine_modulation(w, b, B))  # noqa: E731
+        layer_norm = lambda x_, w, b: torch.nn.functional.layer_norm(x_, (D,), w, b, 1e-6)  # noqa: E731
+        rows += compare("adaln_layernorm (affine)", "triton", shape, affine_ln, layer_norm, (x, weight, bias), dtype)
     return rows
 
 
@@ -129,14 +140,37 @@ def check_attention(device: torch.device, small: bool) -> list[Result]:
         for dtype in dtypes:
             qkv = torch.randn(B, N, 3 * H * Dh, device=device)
             problem = AttentionProblem(str(device), dtype, H, Dh, needs_grad=True)
-            for name, backend in BACKENDS.items():
-                reasons = backend.not_supported_reasons(problem)
-                if reasons:
-                    rows.append(_skip("attention", name, shape, _name(dtype), "not checked: " + "; ".join(reasons)))
-                    continue
-                fn = lambda q, b=backend, h=H: b(q, h, Dh**-0.5)  # noqa: E731
-                ref = lambda q, h=H: packed_attention_ref(q, h, Dh**-0.5)  # noqa: E731
-                rows += compare("attention", name, shape, fn, ref, (qkv,), dtype)
+            rows += _every_backend("attention", BACKENDS, problem, shape, lambda b, q, h=H: b(q, h, Dh**-0.5),
+                                   lambda q, h=H: packed_attention_ref(q, h, Dh**-0.5), (qkv,))  # fmt: skip
+    return rows
+
+
+def _every_backend(op: str, backends: dict, problem, shape: str, call: Callable, ref: Callable, inputs) -> list[Result]:
+    """:func:`compare` of ``call(backend, *inputs)`` with ``ref`` for each backend that can run
+    ``problem`` (an attention problem); a row with the reasons for each one that cannot."""
+    rows = []
+    for name, backend in backends.items():
+        reasons = backend.not_supported_reasons(problem)
+        if reasons:
+            rows.append(_skip(op, name, shape, _name(problem.dtype), "not checked: " + "; ".join(reasons)))
+            continue
+        rows += compare(op, name, shape, lambda *xs, b=backend: call(b, *xs), ref, inputs, problem.dtype)
+    return rows
+
+
+def check_cross_attention(device: torch.device, small: bool) -> list[Result]:
+    """Every cross-attention backend: T image-token queries to the 2 conditioning tokens."""
+    from .attention import CROSS_BACKENDS, AttentionProblem, cross_attention_ref
+
+    B, N, M, H, Dh = (1, 17, 2, 2, 72) if small else (4, 256, 2, 16, 72)
+    dtypes = (torch.float32,) if small else (torch.bfloat16, torch.float16, torch.float32)
+    shape = f"B{B} N{N} M{M} H{H} Dh{Dh}"
+    rows = []
+    for dtype in dtypes:
+        q, kv = torch.randn(B, N, H * Dh, device=device), torch.randn(B, M, 2 * H * Dh, device=device)
+        problem = AttentionProblem(str(device), dtype, H, Dh, needs_grad=True)
+        rows += _every_backend("cross-attention", CROSS_BACKENDS, problem, shape, lambda b, q_, kv_: b.cross_attend(q_, kv_, H, Dh**-0.5),
+                               lambda q_, kv_: cross_attention_ref(q_, kv_, H, Dh**-0.5), (q, kv))  # fmt: skip
     return rows
 
 
@@ -202,7 +236,8 @@ def check_graph_step(device: torch.device, small: bool) -> list[Result]:
     return rows
 
 
-CHECKS = {"adaln": check_adaln, "attention": check_attention, "patch ops": check_patch_ops, "graph step": check_graph_step}
+CHECKS = {"adaln": check_adaln, "attention": check_attention, "cross-attention": check_cross_attention,
+          "patch ops": check_patch_ops, "graph step": check_graph_step}  # fmt: skip
 
 
 def run_checks(device: torch.device | str | None = None, small: bool | None = None, only: Sequence[str] | None = None) -> list[Result]:

@@ -12,7 +12,7 @@ import torch
 
 from .models import DiT, DiT_models, heads_for_hidden
 
-__all__ = ["load_model", "load_state_dict", "infer_config", "check_state_dict"]
+__all__ = ["load_model", "load_state_dict", "infer_config", "infer_block", "check_state_dict"]
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 
@@ -80,7 +80,8 @@ def infer_config(
     Heads (which no shape shows) are ``num_heads`` when given, else the registry's rule (see
     :func:`ditfast.models.heads_for_hidden`). The label table
     has ``num_classes + 1`` rows when ``class_dropout_prob > 0`` (the null class), else
-    ``num_classes`` rows.
+    ``num_classes`` rows. The block design is read from the tensor names and shapes
+    (:func:`infer_block`).
     """
     needed = ("pos_embed", "x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
     missing = [k for k in needed if k not in state_dict]
@@ -110,10 +111,37 @@ def infer_config(
         class_dropout_prob=class_dropout_prob,
         num_classes=rows - 1 if class_dropout_prob > 0 else rows,
         learn_sigma=out_dim == 2 * patch * patch * in_channels,
+        block=infer_block(state_dict),
     )
     if "blocks.0.mlp.fc1.weight" in state_dict:
         config["mlp_ratio"] = state_dict["blocks.0.mlp.fc1.weight"].shape[0] / hidden
     return config
+
+
+def infer_block(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The block design (``DiT(block=...)``) a state_dict was saved from, by its tensors.
+
+    A cross-attention layer (``blocks.0.cross_attn.*``): "cross-attention". An adaLN modulation of
+    6*D outputs per block: "adaLN-Zero" (shift, scale and gate, twice); of 4*D: "adaLN" (no gates).
+    Neither (standard affine LayerNorms, ``blocks.0.norm1.weight``): "in-context". Without blocks
+    only the final layer tells, adaptive or not; the two designs of each kind then have the same
+    tensors and compute the same function: "adaLN-Zero" or "in-context" is taken.
+    """
+    if "blocks.0.cross_attn.q.weight" in state_dict:
+        return "cross-attention"
+    modulation = state_dict.get("blocks.0.adaLN_modulation.1.weight")
+    if modulation is not None:
+        widths = {6: "adaLN-Zero", 4: "adaLN"}
+        ratio, rest = divmod(modulation.shape[0], modulation.shape[1])
+        if rest or ratio not in widths:
+            raise ValueError(
+                f"blocks.0.adaLN_modulation.1.weight has shape {tuple(modulation.shape)}: expected (6D, D) "
+                "(adaLN-Zero) or (4D, D) (adaLN)"
+            )
+        return widths[ratio]
+    if "blocks.0.norm1.weight" in state_dict:
+        return "in-context"
+    return "adaLN-Zero" if "final_layer.adaLN_modulation.1.weight" in state_dict else "in-context"
 
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -168,7 +196,7 @@ def load_model(
             if model is None:
                 net = DiT(**{**inferred, **config})
             else:
-                kwargs = {k: inferred[k] for k in ("input_size", "num_classes", "learn_sigma", "in_channels")}
+                kwargs = {k: inferred[k] for k in ("input_size", "num_classes", "learn_sigma", "in_channels", "block")}
                 net = DiT_models[model](**{**kwargs, **config})
     check_state_dict(net, state_dict)
     if isinstance(model, DiT):

@@ -4,6 +4,11 @@ Module names, parameter names and shapes, constructor arguments and defaults fol
 official release exactly, so an official checkpoint loads with ``strict=True`` and gives the
 same outputs. Shapes in comments: B batch, C channels, H/W latent side, p patch size,
 T = (H/p)*(W/p) tokens, D hidden size, Hd heads, Dh head dim.
+
+``DiT(..., block=...)`` also builds the paper's three other block designs (Section 3, Figure 5),
+which the official release does not ship: "adaLN" (:class:`AdaLNBlock`), "cross-attention"
+(:class:`CrossAttentionBlock`) and "in-context" (:class:`ViTBlock`); the default "adaLN-Zero" is
+the released model (:class:`DiTBlock`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import ops
-from .attention import attention, check_backend_name
+from .attention import attention, check_backend_name, cross_attention
 from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
@@ -29,13 +34,18 @@ __all__ = [
     "timestep_compiled",
     "patch_ops_enabled",
     "BACKENDS",
+    "BLOCKS",
     "SIZES",
     "TimestepEmbedder",
     "LabelEmbedder",
     "PatchEmbed",
     "Attention",
+    "CrossAttention",
     "Mlp",
     "DiTBlock",
+    "AdaLNBlock",
+    "ViTBlock",
+    "CrossAttentionBlock",
     "FinalLayer",
 ]
 
@@ -166,6 +176,24 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of the image tokens (queries) to the conditioning tokens (keys, values)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)  # rows [k | v], each head-major
+        self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"  # cross-attention backend (see ditfast.attention); set by DiT(attn_backend=...)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) image tokens, cond: (B, M, D) conditioning tokens -> (B, T, D)
+        x = cross_attention(self.q(x), self.kv(cond), self.num_heads, scale=self.scale, backend=self.backend)
+        return self.proj(x)
+
+
 class Mlp(nn.Module):
     """fc1 (D -> hidden) -> GELU (tanh approximation) -> fc2 (hidden -> D)."""
 
@@ -179,18 +207,28 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class DiTBlock(nn.Module):
+class _Block(nn.Module):
+    """What every block design has: norm1 -> self-attention and norm2 -> MLP, each a pre-norm residual.
+
+    The LayerNorms (eps 1e-6) are affine-free where adaLN regresses their scale and shift from c, and
+    standard affine LayerNorms in the designs without modulation, as in a standard ViT block.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, affine_norms: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=affine_norms, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=affine_norms, eps=1e-6)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
+        self.backend = "auto"  # set by DiT; see adaln_fused()
+
+
+class DiTBlock(_Block):
     """A transformer block with adaLN-Zero conditioning: six (B, D) vectors from c per block."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio))
+        super().__init__(hidden_size, num_heads, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-
-        self.backend = "auto"  # set by DiT; see adaln_fused()
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         # x: (B, T, D) tokens, c: (B, D) conditioning -> (B, T, D)
@@ -206,19 +244,100 @@ class DiTBlock(nn.Module):
         return ops.gated_residual(x, self.mlp(h), gate_mlp)
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) -> Linear to p*p*C_out values per token."""
+class AdaLNBlock(_Block):
+    """A transformer block with adaLN conditioning (the paper's "adaLN" design): four (B, D) vectors
+    from c per block, the shift and scale of both LayerNorms, and no gates."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-        self.backend = "auto"  # set by DiT; see adaln_fused()
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 4 * hidden_size, bias=True))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) tokens, c: (B, D) conditioning -> (B, T, D)
+        shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+        if not adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+            return x
+        # fused: norm1 + modulation; the attention's residual (no gate) with norm2 + modulation
+        h = ops.adaln_layernorm(x, shift_msa, scale_msa, self.norm1.eps)
+        x, h = ops.gated_residual_adaln(x, self.attn(h), None, shift_mlp, scale_mlp, self.norm2.eps)
+        return x + self.mlp(h)
+
+
+def _affine(norm: nn.LayerNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A standard LayerNorm's weight and bias as the (shift, scale) the adaLN kernels take (B, D)."""
+    return ops.affine_modulation(norm.weight, norm.bias, x.shape[0])
+
+
+class ViTBlock(_Block):
+    """A standard ViT block (the paper's "in-context" design: t and y ride along as two extra tokens)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, mlp_ratio, affine_norms=True)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T + 2, D) tokens, the two conditioning ones among them -> (B, T + 2, D); c is unused
+        if not adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):
+            x = x + self.attn(self.norm1(x))
+            x = x + self.mlp(self.norm2(x))
+            return x
+        # fused: norm1; the attention's residual with norm2 (the LayerNorms' affine as a modulation)
+        h = ops.adaln_layernorm(x, *_affine(self.norm1, x), self.norm1.eps)
+        x, h = ops.gated_residual_adaln(x, self.attn(h), None, *_affine(self.norm2, x), self.norm2.eps)
+        return x + self.mlp(h)
+
+
+class CrossAttentionBlock(ViTBlock):
+    """A standard ViT block with a multi-head cross-attention layer after its self-attention: the
+    image tokens attend to the conditioning sequence [t; y] (the paper's "cross-attention" design)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__(hidden_size, num_heads, mlp_ratio)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.cross_attn = CrossAttention(hidden_size, num_heads)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D) tokens, c: (B, 2, D) conditioning tokens [t; y] -> (B, T, D)
+        if not adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):
+            x = x + self.attn(self.norm1(x))
+            x = x + self.cross_attn(self.norm_cross(x), c)
+            x = x + self.mlp(self.norm2(x))
+            return x
+        # fused: each residual with the next LayerNorm in one kernel
+        h = ops.adaln_layernorm(x, *_affine(self.norm1, x), self.norm1.eps)
+        x, h = ops.gated_residual_adaln(x, self.attn(h), None, *_affine(self.norm_cross, x), self.norm_cross.eps)
+        x, h = ops.gated_residual_adaln(x, self.cross_attn(h, c), None, *_affine(self.norm2, x), self.norm2.eps)
+        return x + self.mlp(h)
+
+
+# DiT(block=...): the paper's four block designs, and whether the final LayerNorm is adaptive
+BLOCKS: dict[str, type[nn.Module]] = {
+    "adaLN-Zero": DiTBlock, "adaLN": AdaLNBlock, "cross-attention": CrossAttentionBlock, "in-context": ViTBlock,
+}  # fmt: skip
+_ADAPTIVE = ("adaLN-Zero", "adaLN")
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> Linear to p*p*C_out values per token. The LayerNorm is adaptive (shift, scale
+    regressed from c) in the adaLN designs, a standard affine one in the others."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, adaptive: bool = True):
+        super().__init__()
+        self.adaptive = adaptive
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=not adaptive, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if adaptive:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.backend = "auto"  # set by DiT; see adaln_fused()
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        fused = adaln_fused(self.backend, x.device, x.dtype, x.shape[-1])
+        if not self.adaptive:
+            h = ops.adaln_layernorm(x, *_affine(self.norm_final, x), self.norm_final.eps) if fused else self.norm_final(x)
+            return self.linear(h)  # (B, T, p*p*C_out)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        if adaln_fused(self.backend, x.device, x.dtype, x.shape[-1]):
+        if fused:
             h = ops.adaln_layernorm(x, shift, scale, self.norm_final.eps)  # one kernel
         else:
             h = modulate(self.norm_final(x), shift, scale)
@@ -232,6 +351,17 @@ class DiT(nn.Module):
     ``forward(x, t, y)`` maps latents (B, C, H, W), timesteps (B,) in [0, 1000) and labels (B,)
     in [0, num_classes] (``num_classes`` = the null class) to (B, C_out, H, W), where
     C_out = 2*C with ``learn_sigma`` (eps and the variance interpolation v) and C otherwise.
+
+    ``block`` (keyword-only) picks one of the paper's four block designs (Section 3.2, Figure 5):
+    "adaLN-Zero" (default: the released model, state_dict and outputs unchanged), "adaLN" (the
+    LayerNorms' shift and scale regressed from c = t + y, no gates), "cross-attention" (standard
+    blocks with a cross-attention layer to the sequence [t; y]) and "in-context" (standard ViT
+    blocks; t and y appended as two tokens, dropped after the last block). The final LayerNorm is
+    adaptive in the two adaLN designs and a standard affine one in the others. Initialisation: the
+    official one throughout (xavier Linears, zero final linear layer); only adaLN-Zero zero-initialises
+    the modulation (of every block and of the final layer), which makes each block the identity at
+    the start. adaLN keeps the default xavier init there, as the paper zero-initialises only for
+    adaLN-Zero; LayerNorm weights start at 1, biases at 0.
     """
 
     def __init__(
@@ -249,8 +379,12 @@ class DiT(nn.Module):
         *,
         backend: str = "auto",
         attn_backend: str = "auto",
+        block: str = "adaLN-Zero",
     ):
         super().__init__()
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {list(BLOCKS)}, got {block!r}")
+        self.block = block
         self.grad_checkpointing = False  # recompute each block in backward (less memory, ~1.3x compute)
         # Check the label values on every forward (one device-to-host read of min/max). Callers that
         # validate labels once up front, such as the sampling engine, turn it off: per step, that
@@ -276,14 +410,14 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding; a frozen Parameter so it is saved in the state_dict like the official one.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.blocks = nn.ModuleList([BLOCKS[block](hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in _ADAPTIVE)
         self.backend = backend
         self.attn_backend = attn_backend
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """The official initialisation: xavier Linear/patch weights, zero adaLN and output layers."""
+        """The official initialisation: xavier Linear/patch weights, zero adaLN (adaLN-Zero only) and output layers."""
 
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
@@ -305,11 +439,12 @@ class DiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
-        for block in self.blocks:
-            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
-            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
-        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        if self.block == "adaLN-Zero":  # zero modulation: every block starts as the identity
+            for block in self.blocks:
+                nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+                nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
         nn.init.constant_(self.final_layer.linear.weight, 0)
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
@@ -380,10 +515,17 @@ class DiT(nn.Module):
             x = self.x_embedder(x) + self.pos_embed  # (B, T, D)
         t = self.t_embedder(t)  # (B, D)
         y = self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
-        c = t + y  # (B, D)
+        if self.block == "in-context":  # two more tokens, no other conditioning
+            x, c = torch.cat([x, t.unsqueeze(1), y.unsqueeze(1)], dim=1), None  # (B, T + 2, D)
+        elif self.block == "cross-attention":
+            c = torch.stack([t, y], dim=1)  # (B, 2, D): the sequence the image tokens attend to
+        else:
+            c = t + y  # (B, D)
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)  # (B, T, D)
+            x = checkpoint(block, x, c, use_reentrant=False) if checkpointed else block(x, c)  # (B, T, D) or T + 2
+        if self.block == "in-context":
+            x = x[:, :-2]  # (B, T, D): the two conditioning tokens dropped
         return self.final_layer(x, c)  # (B, T, p*p*C_out)
 
     @property
@@ -410,7 +552,9 @@ class DiT(nn.Module):
     def attn_backend(self) -> str:
         """Which attention backend the blocks use: "auto" (default: ``DITFAST_ATTN_BACKEND`` if set,
         else the fastest that fits, see ``ditfast.attention.PRIORITY``) or a name from
-        ``ditfast.attention.BACKENDS`` ("flash-attn", "sdpa-math", "triton", ...) to force one."""
+        ``ditfast.attention.BACKENDS`` ("flash-attn", "sdpa-math", "triton", ...) to force one. The
+        cross-attention layers (block="cross-attention") take the same request through their own
+        dispatcher (``ditfast.attention.CROSS_ATTENTION``), where "triton" cannot run."""
         return self._attn_backend
 
     @attn_backend.setter
@@ -418,6 +562,8 @@ class DiT(nn.Module):
         self._attn_backend = check_backend_name(value)
         for block in self.blocks:
             block.attn.backend = value
+            if isinstance(block, CrossAttentionBlock):
+                block.cross_attn.backend = value
 
     def forward_with_cfg(
         self,

@@ -32,7 +32,7 @@ from .checkpoint import check_state_dict
 from .data import Samples, digits_samples, image_folder_samples, latent_shard_samples
 from .diffusion import create_diffusion
 from .flops import describe, gflops
-from .models import DiT, SIZES
+from .models import BLOCKS, DiT, SIZES
 from .seeding import generator
 
 __all__ = ["TrainConfig", "train", "build_model", "open_data", "main"]
@@ -49,6 +49,7 @@ class TrainConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float = 4.0
+    block: str = "adaLN-Zero"  # the DiT paper's block design: adaLN-Zero | adaLN | cross-attention | in-context
     learn_sigma: bool = True
     class_dropout_prob: float = 0.1
     steps: int = 1000
@@ -70,7 +71,7 @@ class TrainConfig:
 
     # fields that must agree between a checkpoint and the run resuming it
     RESUME_KEYS = ("data", "vae", "image_size", "model", "hidden_size", "depth", "num_heads", "patch_size",
-                   "mlp_ratio", "learn_sigma", "class_dropout_prob", "global_batch", "seed")  # fmt: skip
+                   "mlp_ratio", "block", "learn_sigma", "class_dropout_prob", "global_batch", "seed")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ def model_config(cfg: TrainConfig, data: Samples) -> dict:
         depth=cfg.depth if cfg.depth is not None else depth,
         num_heads=cfg.num_heads or heads,
         mlp_ratio=cfg.mlp_ratio,
+        block=cfg.block,
         class_dropout_prob=cfg.class_dropout_prob,
         num_classes=data.num_classes,
         learn_sigma=cfg.learn_sigma,
@@ -227,7 +229,8 @@ def train(cfg: TrainConfig) -> dict:
         if not os.path.isfile(resume):
             raise ValueError(f"resume checkpoint not found: {resume}")
         ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        theirs = ckpt.get("args", {})
+        # a field an older checkpoint lacks was at its default then (e.g. block: adaLN-Zero)
+        theirs = {**dataclasses.asdict(TrainConfig()), **ckpt.get("args", {})}
         conflicts = [f"{k}: checkpoint {theirs.get(k)!r} vs now {getattr(cfg, k)!r}" for k in TrainConfig.RESUME_KEYS if theirs.get(k) != getattr(cfg, k)]
         if conflicts:
             raise ValueError(f"cannot resume from {resume}: it was trained with another config ({'; '.join(conflicts)})")
@@ -345,7 +348,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            parser.add_argument(flag, type=kind, default=default, help=f"default: {default}")
+            choices = {"block": list(BLOCKS)}.get(f.name)
+            parser.add_argument(flag, type=kind, default=default, choices=choices, help=f"default: {default}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

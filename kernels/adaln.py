@@ -6,6 +6,11 @@ One kernel pair serves the three ops of a DiT block (constexpr switches pick the
     adaln_layernorm                        h = LN(x) * (1 + scale) + shift   HAS_NORM
     gated_residual        r = x + gate*y                                     HAS_RESIDUAL
 
+Without a gate (HAS_GATE off: the ungated residual of the DiT paper's adaLN and standard ViT
+blocks) the forward computes r = x + y and reads no gate. The backward needs no switch for it: the
+gradient of y is then that of x, which the launch without a residual computes (see
+``ditfast.ops.adaln``).
+
 x, y, r, h are (B, N, D) with contiguous rows; gate, shift, scale are (B, D) vectors, one per
 sample, passed with their own batch stride (they are usually chunks of the modulation GEMM
 output, hence non-contiguous). Statistics and all arithmetic are fp32; row offsets are int64.
@@ -37,10 +42,10 @@ G_MAX = 32
 def _adaln_fwd_kernel(
     X,  # (B, N, D) residual stream in
     Y,  # (B, N, D) sublayer output (HAS_RESIDUAL)
-    GATE,  # (B, D) gate, batch stride stride_gate (HAS_RESIDUAL)
+    GATE,  # (B, D) gate, batch stride stride_gate (HAS_GATE)
     SHIFT,  # (B, D) shift, batch stride stride_shift (HAS_NORM)
     SCALE,  # (B, D) scale, batch stride stride_scale (HAS_NORM)
-    R,  # (B, N, D) out: x + gate*y (HAS_RESIDUAL)
+    R,  # (B, N, D) out: x + gate*y, or x + y without a gate (HAS_RESIDUAL)
     H,  # (B, N, D) out: LN(r)*(1+scale)+shift (HAS_NORM)
     MEAN,  # (B*N,) fp32 out: row means, saved for backward (HAS_NORM)
     RSTD,  # (B*N,) fp32 out: row 1/sqrt(var+eps), saved for backward (HAS_NORM)
@@ -51,6 +56,7 @@ def _adaln_fwd_kernel(
     stride_scale,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_GATE: tl.constexpr,  # with HAS_RESIDUAL: y is scaled by the gate
     HAS_NORM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
@@ -59,7 +65,7 @@ def _adaln_fwd_kernel(
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
-    if HAS_RESIDUAL:
+    if HAS_GATE:
         gate = tl.load(GATE + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_NORM:
         shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(tl.float32)
@@ -72,7 +78,9 @@ def _adaln_fwd_kernel(
             r = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-                r = r + gate * y
+                if HAS_GATE:
+                    y = gate * y
+                r = r + y
                 tl.store(R + offs, r.to(R.dtype.element_ty), mask=mask)
             if HAS_NORM:
                 mean = tl.sum(r, axis=0) / D
@@ -212,20 +220,24 @@ def _vec(v: torch.Tensor) -> torch.Tensor:
 
 
 def adaln_fwd(x, y, gate, shift, scale, eps: float, out_dtype: torch.dtype, h_dtype: torch.dtype | None = None):
-    """Launch the forward. ``y``/``gate`` None: no residual; ``shift``/``scale`` None: no norm.
+    """Launch the forward. ``y``/``gate`` None: no residual; ``gate`` alone None: r = x + y (no
+    gate); ``shift``/``scale`` None: no norm.
 
     Returns (r, h, mean, rstd); the pieces an op does not produce are None. r has ``out_dtype``,
     h ``h_dtype`` (None: ``out_dtype``), mean and rstd fp32.
     """
     B, N, D = x.shape
     has_res, has_norm = y is not None, shift is not None
+    has_gate = has_res and gate is not None
     x = _rows(x)
     r = _empty((B, N, D), device=x.device, dtype=out_dtype) if has_res else None
     h = _empty((B, N, D), device=x.device, dtype=h_dtype or out_dtype) if has_norm else None
     mean = _empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
     rstd = _empty(B * N, device=x.device, dtype=torch.float32) if has_norm else None
     if has_res:
-        y, gate = _rows(y), _vec(gate)
+        y = _rows(y)
+    if has_gate:
+        gate = _vec(gate)
     if has_norm:
         shift, scale = _vec(shift), _vec(scale)
     if B * N == 0:
@@ -233,14 +245,14 @@ def adaln_fwd(x, y, gate, shift, scale, eps: float, out_dtype: torch.dtype, h_dt
     block_d, rows, num_warps = _launch_params(B, N, D)
     dummy = x  # stands in for absent pointers; never dereferenced (the constexpr switch is off)
     _adaln_fwd_kernel[(triton.cdiv(N, rows), B)](
-        x, y if has_res else dummy, gate if has_res else dummy,
+        x, y if has_res else dummy, gate if has_gate else dummy,
         shift if has_norm else dummy, scale if has_norm else dummy,
         r if has_res else dummy, h if has_norm else dummy,
         mean if has_norm else dummy, rstd if has_norm else dummy,
         N, D,
-        gate.stride(0) if has_res else 0, shift.stride(0) if has_norm else 0, scale.stride(0) if has_norm else 0,
+        gate.stride(0) if has_gate else 0, shift.stride(0) if has_norm else 0, scale.stride(0) if has_norm else 0,
         eps,
-        HAS_RESIDUAL=has_res, HAS_NORM=has_norm, BLOCK_D=block_d, ROWS=rows, num_warps=num_warps,
+        HAS_RESIDUAL=has_res, HAS_GATE=has_gate, HAS_NORM=has_norm, BLOCK_D=block_d, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     return r, h, mean, rstd
 

@@ -19,6 +19,9 @@ def test_check_on_this_machine_passes_and_says_what_it_skipped(tmp_path, capsys)
     checked = [r for r in rows if r["ok"] is not None]
     ops_checked = {r["op"] for r in checked}
     assert {"adaln_layernorm", "gated_residual_adaln backward", "attention", "attention backward"} <= ops_checked
+    # what the other block designs add: the ungated and affine adaLN ops, cross-attention
+    assert {"gated_residual_adaln (no gate) backward", "adaln_layernorm (affine) backward", "cross-attention backward"} <= ops_checked
+    assert {r["backend"] for r in checked if r["op"] == "cross-attention"} >= {"sdpa", "sdpa-math"}
     assert all(r["ok"] and r["error"] <= r["tolerance"] for r in checked)
     if not torch.cuda.is_available():
         graph = [r for r in rows if r["backend"] == "cuda graph"]

@@ -72,7 +72,8 @@ def test_infer_config_of_official_shapes():
         xl = DiT()  # DiT-XL/2, 256px defaults
     cfg = infer_config(xl.state_dict())
     assert cfg == dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                       class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, mlp_ratio=4.0)  # fmt: skip
+                       class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, mlp_ratio=4.0,
+                       block="adaLN-Zero")  # fmt: skip
     with torch.device("meta"):
         b4 = DiT(input_size=64, patch_size=4, hidden_size=768, depth=12, num_heads=12, learn_sigma=False)
     cfg = infer_config(b4.state_dict())

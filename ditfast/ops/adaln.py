@@ -5,11 +5,15 @@ Public API (argument orders are part of it):
     adaln_layernorm(x, shift, scale, eps=1e-6)                  -> h = LN(x)*(1+scale)+shift
     gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6)    -> (r, h), r = x + gate*y, h = LN(r)*(1+scale)+shift
     gated_residual(x, y, gate)                                  -> r = x + gate*y
+    affine_modulation(weight, bias, batch)                      -> (shift, scale) of a standard LayerNorm
 
 x, y: (B, N, D); gate, shift, scale: (B, D), applied to every token of their sample (they may be
-non-contiguous views, e.g. chunks of the modulation GEMM output). LayerNorm has no affine
-parameters. Each has a plain-PyTorch reference ``<op>_ref`` (the official DiT math, in the
-inputs' dtypes).
+non-contiguous views, e.g. chunks of the modulation GEMM output, or stride-0 broadcasts).
+``gate=None`` means no gate (r = x + y: the adaLN and standard ViT blocks of the DiT paper's other
+designs); the kernels then skip it (a constexpr), with no vector of ones read or reduced.
+LayerNorm has no affine parameters; a standard LayerNorm's weight and bias enter as a modulation
+(:func:`affine_modulation`). Each op has a plain-PyTorch reference ``<op>_ref`` (the official DiT
+math, in the inputs' dtypes).
 
 All three run through one custom op, ``torch.ops.ditfast.adaln_fwd`` (absent pieces passed as
 None), with an autograd formula that calls ``torch.ops.ditfast.adaln_bwd``. On CUDA tensors the
@@ -40,6 +44,7 @@ __all__ = [
     "adaln_layernorm", "adaln_layernorm_ref",
     "gated_residual_adaln", "gated_residual_adaln_ref",
     "gated_residual", "gated_residual_ref",
+    "affine_modulation",
     "triton_status",
 ]  # fmt: skip
 
@@ -86,7 +91,7 @@ def adaln_layernorm_ref(x, shift, scale, eps: float = 1e-6):
 
 
 def gated_residual_ref(x, y, gate):
-    return x + gate.unsqueeze(1) * y
+    return x + y if gate is None else x + gate.unsqueeze(1) * y
 
 
 def gated_residual_adaln_ref(x, y, gate, shift, scale, eps: float = 1e-6):
@@ -189,7 +194,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 def _adaln_fwd_torch(x, y, gate, shift, scale, eps, out_dtype, h_dtype=None):
     r = x.float()
     if y is not None:
-        r = r + gate.float().unsqueeze(1) * y.float()
+        r = r + (y.float() if gate is None else gate.float().unsqueeze(1) * y.float())
     h = mean = rstd = None
     if shift is not None:
         mean = r.mean(-1, keepdim=True)
@@ -303,10 +308,14 @@ def _setup_context(ctx, inputs, output):
     x, y, gate, shift, scale, eps, _h_dtype = inputs
     r, h, mean, rstd = output
     ctx.has_res, ctx.has_norm = y is not None, shift is not None
-    ctx.x_dtype = x.dtype
+    # Without a gate, dy = dr = dx: the backward is that of the op without a residual (plus dr), and
+    # y (the sublayer output, nothing else keeps it) is not saved.
+    ctx.ungated = ctx.has_res and gate is None
+    ctx.x_dtype, ctx.y_dtype = x.dtype, (y.dtype if ctx.has_res else None)
     ctx.vec_dtypes = (shift.dtype, scale.dtype) if ctx.has_norm else None
     normed = (r if ctx.has_res else x) if ctx.has_norm else None
-    ctx.save_for_backward(normed, y, gate, scale, mean if ctx.has_norm else None, rstd if ctx.has_norm else None)
+    saved_y = None if ctx.ungated else y
+    ctx.save_for_backward(normed, saved_y, gate, scale, mean if ctx.has_norm else None, rstd if ctx.has_norm else None)
 
 
 def _backward(ctx, dr, dh, _dmean, _drstd):
@@ -318,7 +327,9 @@ def _backward(ctx, dr, dh, _dmean, _drstd):
         dshift, dscale = dshift.to(ctx.vec_dtypes[0]), dscale.to(ctx.vec_dtypes[1])
     else:
         dshift = dscale = None
-    if not ctx.has_res:
+    if ctx.ungated:
+        dy, dgate = dx.to(ctx.y_dtype), None
+    elif not ctx.has_res:
         dy = dgate = None
     return dx, dy, dgate, dshift, dscale, None, None
 
@@ -339,6 +350,8 @@ def _check(x: torch.Tensor, y=None, **vectors) -> None:
     if y is not None and (y.shape != x.shape or not y.is_floating_point() or y.device != x.device):
         raise ValueError(f"y must be a floating-point tensor of x's shape {tuple(x.shape)} on {x.device}, got {tuple(y.shape)} {y.dtype} on {y.device}")
     for name, v in vectors.items():
+        if v is None:  # only a gate may be absent
+            continue
         if v.shape != (B, D) or not v.is_floating_point() or v.device != x.device:
             raise ValueError(f"{name} must be a floating-point (B, D) = ({B}, {D}) tensor on {x.device}, got {tuple(v.shape)} {v.dtype} on {v.device}")
 
@@ -350,13 +363,25 @@ def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``r = x + gate * y`` and ``h = LN(r) * (1 + scale) + shift`` in one pass -> (r, h)."""
+    """``r = x + gate * y`` (``x + y`` when ``gate`` is None) and ``h = LN(r) * (1 + scale) + shift``
+    in one pass -> (r, h)."""
     _check(x, y, gate=gate, shift=shift, scale=scale)
     r, h, _, _ = torch.ops.ditfast.adaln_fwd(x, y, gate, shift, scale, eps, _norm_dtype(x, y, gate, shift, scale))
     return r, h
 
 
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``x + gate * y`` -> (B, N, D)."""
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """``x + gate * y`` (``x + y`` when ``gate`` is None) -> (B, N, D)."""
     _check(x, y, gate=gate)
     return torch.ops.ditfast.adaln_fwd(x, y, gate, None, None, 0.0)[0]
+
+
+def affine_modulation(weight: torch.Tensor, bias: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A standard LayerNorm's (D,) weight and bias as the (B, D) ``(shift, scale)`` the adaLN ops take.
+
+    ``LN(x) * weight + bias = LN(x) * (1 + (weight - 1)) + bias``: the same kernels then run the
+    standard ViT blocks' LayerNorms (alone or fused with the preceding residual). Both are stride-0
+    broadcasts over the batch (no copies; the backward sums the per-sample gradients). In floating
+    point ``1 + (w - 1)`` is ``w`` exactly for w in [0.5, 2] (Sterbenz), within an ulp elsewhere.
+    """
+    return bias.expand(batch, -1), (weight - 1).expand(batch, -1)

@@ -162,6 +162,70 @@ def test_opcheck(op):
     torch.library.opcheck(torch.ops.ditfast.adaln_fwd.default, args)
 
 
+# ------------------------------------------------------------------------------------------
+# The other block designs: the residual without a gate, a standard LayerNorm as a modulation
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 384), (3, 7, 1008)], ids=lambda s: "B{}N{}D{}".format(*s))
+@pytest.mark.parametrize("op", ["gated_residual_adaln", "gated_residual"])
+def test_ungated_residual_against_reference(poison, op, shape, dtype):
+    """gate=None: r = x + y (the adaLN and standard ViT blocks), forward and backward against fp64."""
+    B, N, D = shape
+    x, y, mod, _, shift, scale = make_inputs(B, N, D, dtype)
+    fused, ref = getattr(ops, op), getattr(ops, f"{op}_ref")
+    vectors = (shift, scale) if op == "gated_residual_adaln" else ()
+    outs = fused(x, y, None, *vectors)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads_out = [torch.randn_like(o) for o in outs]
+    leaves = [x, y, mod]
+    got = torch.autograd.grad(outs, leaves, grads_out, allow_unused=True)
+    x64, y64, mod64 = (t.detach().double().requires_grad_() for t in leaves)
+    vectors64 = (mod64[:, 2 * D : 3 * D], mod64[:, 4 * D : 5 * D]) if vectors else ()
+    refs = ref(x64, y64, None, *vectors64)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    want = torch.autograd.grad(refs, [x64, y64, mod64], [g.double() for g in grads_out], allow_unused=True)
+    for kind, gs, rs, labels in (("fwd", outs, refs, ["r", "h"]), ("bwd", got, want, ["dx", "dy", "dmod"])):
+        for g, r, label in zip(gs, rs, labels):
+            if r is None:  # no modulation: mod gets no gradient
+                assert g is None, label
+                continue
+            assert g.dtype == dtype, f"{label} has dtype {g.dtype}"
+            rtol, atol = TOLERANCES[(kind, dtype)]
+            assert_close(g, r, rtol=rtol, atol=atol * max(1.0, r.abs().max().item()), what=f"ungated {op} {label} {shape} {dtype}")
+    if op == "gated_residual":
+        assert torch.equal(got[0], got[1].to(got[0].dtype))  # dy = dx: the gradient passes through
+
+
+def test_affine_modulation_is_a_standard_layernorm():
+    """A LayerNorm's weight and bias (D,) as stride-0 (B, D) modulation: forward and the weight and
+    bias gradients (summed over the batch) against F.layer_norm in fp64."""
+    B, N, D = 3, 7, 1008
+    x = torch.randn(B, N, D, device=DEVICE, requires_grad=True)
+    weight = (1 + 0.5 * torch.randn(D, device=DEVICE)).requires_grad_()
+    bias = (0.5 * torch.randn(D, device=DEVICE)).requires_grad_()
+    shift, scale = ops.affine_modulation(weight, bias, B)
+    assert shift.stride() == scale.stride() == (0, 1)
+    h = ops.adaln_layernorm(x, shift, scale)
+    grad = torch.randn_like(h)
+    got = torch.autograd.grad(h, (x, weight, bias), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    ref = torch.nn.functional.layer_norm(leaves[0], (D,), leaves[1], leaves[2], 1e-6)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    assert_close(h, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item(), what="affine LayerNorm")
+    for g, w, label in zip(got, want, ["dx", "dweight", "dbias"]):
+        assert_close(g, w, kind="bwd", atol=1e-5 * w.abs().max().item(), what=f"affine LayerNorm {label}")
+
+
+def test_opcheck_ungated():
+    B, N, D = 2, 3, 64
+    x, y = torch.randn(B, N, D, device=DEVICE, requires_grad=True), torch.randn(B, N, D, device=DEVICE, requires_grad=True)
+    shift, scale = (torch.randn(B, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(torch.ops.ditfast.adaln_fwd.default, (x, y, None, shift, scale, 1e-6))
+    torch.library.opcheck(torch.ops.ditfast.adaln_fwd.default, (x, y, None, None, None, 0.0))
+
+
 def test_compile_fullgraph_dit_block_forward_backward():
     from ditfast.models import DiTBlock
     from conftest import randomize_
@@ -385,9 +449,11 @@ B, N, D = 2, 17, 48
 x, y = torch.randn(B, N, D, requires_grad=True), torch.randn(B, N, D, requires_grad=True)
 gate, shift, scale = (torch.randn(B, D, requires_grad=True) for _ in range(3))
 args = (x, y, gate, shift, scale)
+ungated = lambda op: lambda x, y, shift, scale: op(x, y, None, shift, scale)
 for fn, ref, ins in ((ops.gated_residual_adaln, ops.gated_residual_adaln_ref, args),
                      (ops.adaln_layernorm, ops.adaln_layernorm_ref, (x, shift, scale)),
-                     (ops.gated_residual, ops.gated_residual_ref, (x, y, gate))):
+                     (ops.gated_residual, ops.gated_residual_ref, (x, y, gate)),
+                     (ungated(ops.gated_residual_adaln), ungated(ops.gated_residual_adaln_ref), (x, y, shift, scale))):
     out = fn(*ins)
     outs = out if isinstance(out, tuple) else (out,)
     d_ins = [t.detach().double().requires_grad_() for t in ins]
