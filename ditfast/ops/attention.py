@@ -10,7 +10,10 @@ The result has the heads concatenated, (B, N, H*Dh), ready for the output projec
 ``packed_attention`` is the custom op ``torch.ops.ditfast.attn_packed_fwd`` (returning the output
 and the fp32 logsumexp (B, H, N)) with an autograd formula calling
 ``torch.ops.ditfast.attn_packed_bwd``; both run the Triton kernels of ``ditfast.kernels.attention``,
-which read qkv in place and write the packed gradient dqkv. They run on CUDA, and on the CPU only
+which read qkv in place and write the packed gradient dqkv (fp32 inputs use TF32 dots exactly when
+``torch.backends.cuda.matmul.allow_tf32`` is set, as torch's own matmuls do; the autotuned block
+sizes are pruned per GPU to ones that do not spill registers, which ``python -m
+ditfast.kernels.aot`` checks for sm_80 and sm_90 without a GPU). They run on CUDA, and on the CPU only
 under Triton's interpreter (``TRITON_INTERPRET=1``, for tests); elsewhere the op raises, naming
 the reason (``ditfast.attention`` dispatches to the backends that can run). Choosing between
 this kernel and flash-attn, xformers or torch's SDPA kernels is ``ditfast.attention``'s job.

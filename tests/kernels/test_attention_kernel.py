@@ -138,12 +138,32 @@ def test_strided_inputs_and_other_head_dims(poison):
         scaled_close(dqkv, ref_dqkv.float(), torch.float32, "bwd", f"strided dqkv Dh={Dh}")
 
 
-def test_gradients_are_deterministic():
-    qkv, dout = make_qkv(2, 17, 2, 72, torch.float32, seed=5)
-    first = run_kernels(qkv, dout, 2)
-    second = run_kernels(qkv.clone(), dout.clone(), 2)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+def test_results_do_not_depend_on_the_rest_of_the_launch():
+    """Each (sample, head) is reduced by its own programs in a fixed order: a sample's output, lse
+    and gradients are bit-identical whether it runs alone or in a batch (another grid, other
+    neighbours). A kernel that mixed programs' work or raced on shared partials would fail this."""
+    qkv, dout = make_qkv(3, 17, 2, 72, torch.float32, seed=5)
+    batch = run_kernels(qkv, dout, 2)
+    for i in range(3):
+        alone = run_kernels(qkv[i : i + 1].clone(), dout[i : i + 1].clone(), 2)
+        for name, a, b in zip(("out", "lse", "dqkv"), alone, batch):
+            assert torch.equal(a[0], b[i]), f"sample {i} {name}: alone != in a batch of 3"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device: concurrent streams")
+def test_gradients_are_deterministic_under_concurrent_streams():
+    qkv, dout = make_qkv(8, 256, 16, 72, torch.bfloat16, seed=5)
+    ref = run_kernels(qkv, dout, 16)
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    results = []
+    for stream in streams:  # four copies of the same launches in flight together
+        with torch.cuda.stream(stream):
+            results.append(run_kernels(qkv, dout, 16))
+    torch.cuda.synchronize()
+    for got in results:
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
 
 
 def test_custom_op_autograd_matches_reference():
@@ -212,3 +232,78 @@ def test_autotuned_launch_path(monkeypatch, poison):
     ref_out, ref_lse, ref_dqkv = reference(qkv, dout, 2)
     scaled_close(out, ref_out.float(), torch.float32, "fwd", "autotuned out")
     scaled_close(dqkv, ref_dqkv.float(), torch.float32, "bwd", "autotuned dqkv")
+
+
+class _GridRecorder:
+    """Stands in for a kernel (``kernel[grid](...)``): records the grid of every config it could
+    launch with (``blocks``: the autotuner's config blocks, or one empty dict) instead of running."""
+
+    def __init__(self, blocks, grids):
+        self.blocks, self.grids = blocks, grids
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            for blocks in self.blocks:
+                self.grids.append(grid({**meta, **blocks}) if callable(grid) else grid)
+
+        return launch
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["interpreter-blocks", "autotuned"])
+def test_grid_within_cuda_limits_for_a_large_cfg_batch(monkeypatch, tuned):
+    """A CFG-doubled batch of 4096 at 16 heads is 65536 (batch, head) pairs: more than CUDA's 65535
+    on grid axes 1 and 2. Every launch (each autotune config) must fit: axis 0 < 2^31, others <= 65535."""
+    B, N, H, Dh = 4096, 256, 16, 72
+    grids = []
+    tuned_configs = 0
+    for name in ("_fwd_tuned", "_dkdv_tuned", "_dq_tuned"):
+        configs = getattr(kernels, name).configs
+        tuned_configs += len(configs)
+        monkeypatch.setattr(kernels, name, _GridRecorder([c.kwargs for c in configs], grids))
+    for name in ("_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_preprocess_kernel"):
+        monkeypatch.setattr(kernels, name, _GridRecorder([{}], grids))
+    if tuned:  # the CUDA path, as test_autotuned_launch_path forces it
+        launch = kernels._launch
+        monkeypatch.setattr(kernels, "_launch", lambda raw, tuned_, grid_of, on_cuda, *a, **m: launch(raw, tuned_, grid_of, True, *a, **m))
+    qkv = torch.empty(B, N, 3 * H * Dh, device="meta")  # shapes and strides only: nothing runs
+    out, lse = kernels.attention_fwd(qkv, H, Dh**-0.5)
+    kernels.attention_bwd(torch.empty_like(out), qkv, out, lse, H, Dh**-0.5)
+    assert len(grids) == (1 + tuned_configs if tuned else 4)  # preprocess + 3 kernels (each config when tuned)
+    for grid in grids:
+        assert 1 <= len(grid) <= 3 and all(isinstance(g, int) and g >= 1 for g in grid), grid
+        assert grid[0] < 2**31 and all(g <= 65535 for g in grid[1:]), f"grid {grid} exceeds CUDA's limits"
+        assert grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1) >= B * H
+
+
+def test_grid_too_large_is_a_clear_error():
+    with pytest.raises(ValueError, match="exceeds CUDA's"):
+        kernels._grid(2**20, 16, 2**20)
+
+
+@pytest.mark.parametrize("dtype,allow_tf32,expected", [
+    (torch.float32, False, "ieee"), (torch.float32, True, "tf32"),
+    (torch.float16, True, "ieee"), (torch.float16, False, "ieee"),
+])  # fmt: skip
+def test_fp32_dots_follow_torch_tf32_switch(monkeypatch, dtype, allow_tf32, expected):
+    """fp32 inputs get tl.dot input_precision "tf32" exactly when torch.backends.cuda.matmul.allow_tf32
+    is set (16-bit inputs are unaffected), chosen by the launcher as the PRECISION constexpr. The
+    interpreter computes tf32 dots in full fp32, so the results are also checked here."""
+    saved = torch.backends.cuda.matmul.allow_tf32  # a property of torch's cuBLAS module: monkeypatch cannot restore it
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        _check_precision(monkeypatch, dtype, expected)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_precision(monkeypatch, dtype, expected):
+    seen = []
+    launch = kernels._launch
+    monkeypatch.setattr(kernels, "_launch", lambda *a, **meta: (seen.append(meta["PRECISION"]), launch(*a, **meta)))
+    qkv, dout = make_qkv(1, 17, 2, 16, dtype, seed=13)
+    out, _, dqkv = run_kernels(qkv, dout, 2)
+    assert seen == [expected] * 3  # forward, dk/dv, dq
+    ref_out, _, ref_dqkv = reference(qkv, dout, 2)
+    tol = torch.float16 if CUDA and expected == "tf32" else dtype  # TF32 keeps fp16's 10-bit mantissa
+    scaled_close(out, ref_out.to(dtype), tol, "fwd", f"out {dtype} {expected}")
+    scaled_close(dqkv, ref_dqkv.to(dtype), tol, "bwd", f"dqkv {dtype} {expected}")
