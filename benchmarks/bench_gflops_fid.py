@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -67,13 +68,19 @@ class Spec:
     hidden_size: int
     num_heads: int
     patch_size: int
+    block: str = "adaLN-Zero"  # the DiT paper's block design (ditfast.DiT(block=...)); named only when not the default
 
     @property
     def tag(self) -> str:
-        return self.name.replace("/", "-")
+        return self.name.replace("/", "-") + ("" if self.block == "adaLN-Zero" else f"_{self.block}")
+
+    @property
+    def label(self) -> str:
+        return self.name + ("" if self.block == "adaLN-Zero" else f" {self.block}")
 
     def describe(self) -> str:
-        return f"DiT-{self.name} (depth {self.depth}, hidden {self.hidden_size}, {self.num_heads} head(s), patch {self.patch_size})"
+        design = "" if self.block == "adaLN-Zero" else f", {self.block} blocks"
+        return f"DiT-{self.name} (depth {self.depth}, hidden {self.hidden_size}, {self.num_heads} head(s), patch {self.patch_size}{design})"
 
 
 MODELS = {
@@ -110,28 +117,41 @@ def check_study(work: str, settings: dict) -> None:
         atomic_write(path, json.dumps(settings, indent=1) + "\n")
 
 
-def train_model(spec: Spec, args: argparse.Namespace) -> str:
-    """Train ``spec`` (resuming from its newest checkpoint) unless its EMA export exists; returns the export."""
+def resume_point(out: str, steps: int) -> str | None:
+    """The newest checkpoint of the run in ``out`` at or before ``steps`` (None: start from scratch).
+    Training resumes exactly, so a model trained to ``steps`` through any of them is the same."""
+    folder = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d+\.pt", n)) if os.path.isdir(folder) else []
+    before = [n for n in names if int(n[:-3]) <= steps]  # ditfast.train names them by step: 0002000.pt
+    return os.path.join(folder, before[-1]) if before else None
+
+
+def train_model(spec: Spec, args: argparse.Namespace, steps: int | None = None) -> str:
+    """Train ``spec`` to ``steps`` (default: ``--steps``), resuming from its newest checkpoint up to
+    there, unless its EMA export exists; returns the export (``ema.safetensors``, or with ``steps``
+    given ``ema_<steps>steps.safetensors``: one per training length)."""
     out = os.path.join(args.work, spec.tag)
-    export = os.path.join(out, "ema.safetensors")
+    export = os.path.join(out, "ema.safetensors" if steps is None else f"ema_{steps}steps.safetensors")
     if os.path.isfile(export):
         model = ditfast.load_model(export)
-        got = (len(model.blocks), model.x_embedder.proj.out_channels, model.num_heads, model.patch_size)
-        if got != (spec.depth, spec.hidden_size, spec.num_heads, spec.patch_size):
-            raise SystemExit(f"error: {export} holds a DiT with (depth, hidden, heads, patch) = {got}, not {spec.describe()}")
+        got = (len(model.blocks), model.x_embedder.proj.out_channels, model.num_heads, model.patch_size, model.block)
+        if got != (spec.depth, spec.hidden_size, spec.num_heads, spec.patch_size, spec.block):
+            raise SystemExit(f"error: {export} holds a DiT with (depth, hidden, heads, patch, block) = {got}, not {spec.describe()}")
         print(f"{spec.describe()}: trained ({export})")
         return export
     s = train_settings(args)
+    steps = s["steps"] if steps is None else steps
     cfg = TrainConfig(
         data="digits", image_size=16, depth=spec.depth, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
-        patch_size=spec.patch_size, steps=s["steps"], global_batch=s["global_batch"], lr=s["lr"], ema_decay=s["ema_decay"],
-        seed=s["seed"], log_every=100, ckpt_every=500, out=out, resume="auto", export=export, progress=not args.no_progress,
+        patch_size=spec.patch_size, block=spec.block, steps=steps, global_batch=s["global_batch"], lr=s["lr"],
+        ema_decay=s["ema_decay"], seed=s["seed"], log_every=100, ckpt_every=500, out=out, resume=resume_point(out, steps),
+        export=export, progress=not args.no_progress,
     )  # fmt: skip
-    print(f"{spec.describe()}: training {cfg.steps} steps, batch {cfg.global_batch} -> {out}")
+    print(f"{spec.describe()}: training {cfg.steps} steps, batch {cfg.global_batch} -> {out} (from {cfg.resume or 'scratch'})")
     result = train(cfg)
     if not all(torch.isfinite(p).all() for p in result["ema"].parameters()):
         os.unlink(export)  # never score a diverged model on a rerun
-        raise SystemExit(f"error: training {spec.name} diverged (last logged loss {result['loss']}); its export was removed")
+        raise SystemExit(f"error: training {spec.label} diverged (last logged loss {result['loss']}); its export was removed")
     return export
 
 
@@ -153,6 +173,12 @@ def reference_activations(args: argparse.Namespace) -> tuple[np.ndarray, np.ndar
     return pool, spatial
 
 
+def reference_statistics(args: argparse.Namespace) -> tuple:
+    """What :func:`score` compares with: (pool features, pool statistics, spatial statistics) of the real digits."""
+    pool, spatial = reference_activations(args)
+    return pool, compute_statistics(pool), compute_statistics(spatial)
+
+
 def prepare(model: ditfast.DiT, provider: str, device: torch.device) -> tuple[str, str]:
     """Set the model's backends for ``provider``; returns (precision, loop mode) for ditfast.sample."""
     if provider == "reference":
@@ -162,9 +188,12 @@ def prepare(model: ditfast.DiT, provider: str, device: torch.device) -> tuple[st
     return "auto", "auto"
 
 
-def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argparse.Namespace, device: torch.device) -> np.ndarray:
-    """uint8 (N, 16, 16, 1) samples, cached as an ADM .npz in the work folder."""
-    name = (f"{spec.tag}_{provider}_{device.type}_{args.sampler}{args.sampling_steps}_cfg{args.cfg_scale:g}"
+def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argparse.Namespace, device: torch.device,
+                  steps: int | None = None) -> np.ndarray:  # fmt: skip
+    """uint8 (N, 16, 16, 1) samples, cached as an ADM .npz in the work folder (named by the model's
+    training ``steps`` where one work folder holds several lengths)."""
+    trained = "" if steps is None else f"_{steps}steps"
+    name = (f"{spec.tag}{trained}_{provider}_{device.type}_{args.sampler}{args.sampling_steps}_cfg{args.cfg_scale:g}"
             f"_n{args.num_samples}_seed{seed}.npz")  # fmt: skip
     path = os.path.join(args.work, "samples", name)
     if os.path.isfile(path):
@@ -179,7 +208,8 @@ def sample_images(spec: Spec, export: str, provider: str, seed: int, args: argpa
         mode=mode, progress=not args.no_progress,
     )  # fmt: skip
     dt = time.perf_counter() - t0
-    print(f"  {spec.name} {provider} seed {seed}: {args.num_samples} samples in {dt:.1f} s ({args.num_samples / dt:.1f} images/s)")
+    at = "" if steps is None else f" ({steps} steps)"
+    print(f"  {spec.label}{at} {provider} seed {seed}: {args.num_samples} samples in {dt:.1f} s ({args.num_samples / dt:.1f} images/s)")
     images = gen.images.numpy()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_npz(path, images)
@@ -196,15 +226,38 @@ def score(images: np.ndarray, ref: tuple, args: argparse.Namespace) -> dict:
                 sfid=frechet_distance(*compute_statistics(spatial), *ref_stats_s), precision=prec, recall=rec)  # fmt: skip
 
 
+@functools.cache
+def digit_classifier() -> DigitClassifier:
+    """The digit classifier of `ditfast demo` (logistic regression on the real digits' pixels), fitted once per process."""
+    return DigitClassifier(16)
+
+
+def recognised(classifier: DigitClassifier, images: np.ndarray) -> float:
+    """How often ``classifier`` reads the requested digit in ``images`` (ditfast.sample gave sample i the label i % 10)."""
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return classifier.score(pixels, torch.arange(len(images)) % 10)
+
+
+def row_environment(device: torch.device) -> dict[str, str]:
+    """``_results.environment`` without the CPU thread count: threads change speed, not samples."""
+    env = environment(device)
+    env["device"] = re.sub(r" x\d+ threads$", "", env["device"])
+    return env
+
+
+def sampler_name(args: argparse.Namespace) -> str:
+    return f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}"
+
+
 ROW_KEY = ("model", "provider", "seed", "sampler", "num_samples", "train_steps", "device")
 
 
-def measured(out: str) -> dict[tuple, dict]:
-    """Rows already in the results file, by :data:`ROW_KEY` (a rerun does not measure them again)."""
+def measured(out: str, key: tuple[str, ...] = ROW_KEY) -> dict[tuple, dict]:
+    """Rows already in the results file, by ``key`` (a rerun does not measure them again)."""
     if not os.path.isfile(out):
         return {}
     with open(out, newline="") as f:
-        return {tuple(r[k] for k in ROW_KEY): r for r in csv.DictReader(f)}
+        return {tuple(r[k] for k in key): r for r in csv.DictReader(f)}
 
 
 def runs(models: list[Spec], args: argparse.Namespace, device: torch.device) -> list[tuple[Spec, str, int]]:
@@ -241,10 +294,8 @@ def summarize(rows: list[dict], args: argparse.Namespace, device: torch.device) 
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), help="default: %(default)s")
-    p.add_argument("--steps", type=int, default=6000, help="training steps of every model")
+def add_study_arguments(p: argparse.ArgumentParser, work: str) -> None:
+    """The options every study on the digits shares: the training recipe, sampling, scoring, files."""
     p.add_argument("--batch", type=int, default=64, help="training batch")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--ema-decay", type=float, default=0.999)
@@ -255,24 +306,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling-steps", type=int, default=100)
     p.add_argument("--cfg-scale", type=float, default=1.0, help="1: no guidance (the paper's scaling plots)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="sampling seeds of the spread model; the first for all")
-    p.add_argument("--spread-model", default="B/4", choices=list(MODELS), help="the model whose seed spread and reference-path FID are measured")
     p.add_argument("--sample-batch", type=int, default=250)
     p.add_argument("--inception-batch", type=int, default=64)
     p.add_argument("--ref-limit", type=int, default=0, help="use only the first N real digits as the reference (0: all; for smoke tests)")
-    p.add_argument("--work", default=os.path.join("runs", "gflops_fid"), help="checkpoints, samples and caches")
-    p.add_argument("--out", default=None, help="results CSV (default: benchmarks/results/gflops_fid_{gpu|cpu}.csv); rows "
-                   "already in it are not measured again: give another file to re-measure after a code change")
-    p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out, named by --steps)")
+    p.add_argument("--work", default=work, help="checkpoints, samples and caches")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.spread_model not in args.models:
-        p.error(f"--spread-model {args.spread_model} must be one of --models {args.models}")
-    if args.num_samples < 2 or args.steps < 1 or not 1 <= args.sampling_steps <= 1000 or args.cfg_scale < 1:
-        p.error("need --num-samples >= 2, --steps >= 1, 1 <= --sampling-steps <= 1000 and --cfg-scale >= 1")
+
+
+def check_study_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``p.error``, before any work) what :func:`add_study_arguments` cannot run with."""
+    if args.num_samples < 2 or not 1 <= args.sampling_steps <= 1000 or args.cfg_scale < 1:
+        p.error("need --num-samples >= 2, 1 <= --sampling-steps <= 1000 and --cfg-scale >= 1")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds must differ from each other (they measure the seed-to-seed spread), got {args.seeds}")
     if args.ref_limit < 0 or (args.ref_limit and args.out is None):
         p.error("--ref-limit must be >= 0, and a reduced reference needs its own --out (the results files hold full-reference FIDs)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS), help="default: %(default)s")
+    p.add_argument("--steps", type=int, default=6000, help="training steps of every model")
+    p.add_argument("--spread-model", default="B/4", choices=list(MODELS), help="the model whose seed spread and reference-path FID are measured")
+    p.add_argument("--out", default=None, help="results CSV (default: benchmarks/results/gflops_fid_{gpu|cpu}.csv); rows "
+                   "already in it are not measured again: give another file to re-measure after a code change")
+    p.add_argument("--grid", default=None, help="PNG with one row of samples per model (default: beside --out, named by --steps)")
+    add_study_arguments(p, work=os.path.join("runs", "gflops_fid"))
+    args = p.parse_args(argv)
+    if args.spread_model not in args.models:
+        p.error(f"--spread-model {args.spread_model} must be one of --models {args.models}")
+    if args.steps < 1:
+        p.error("need --steps >= 1")
+    check_study_arguments(p, args)
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -284,17 +349,15 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or os.path.join(RESULTS_DIR, f"gflops_fid_{'gpu' if cuda else 'cpu'}.csv")
     grid_path = args.grid or f"{os.path.splitext(out)[0]}_samples_{args.steps}steps.png"
-    ref_pool, ref_spatial = reference_activations(args)
-    ref = (ref_pool, compute_statistics(ref_pool), compute_statistics(ref_spatial))
+    ref = reference_statistics(args)
     flops = {m.name: ditfast.gflops(ditfast.load_model(exports[m.name])) for m in models}
     rows, grid, done = [], {}, measured(out)
-    classifier = DigitClassifier(16)  # as in `ditfast demo`: logistic regression on the real digits' pixels
+    classifier = digit_classifier()
     per_row = min(20, args.num_samples)
     for spec, provider, seed in runs(models, args, device):
-        env = environment(device)
-        env["device"] = re.sub(r" x\d+ threads$", "", env["device"])  # CPU threads change speed, not samples
+        env = row_environment(device)
         row = dict(model=spec.describe(), gflops=f"{flops[spec.name]:.5f}", num_samples=str(args.num_samples),
-                   train_steps=str(args.steps), sampler=f"{args.sampler}{args.sampling_steps} cfg{args.cfg_scale:g}",
+                   train_steps=str(args.steps), sampler=sampler_name(args),
                    provider=provider, seed=str(seed), device=env["device"])  # fmt: skip
         key = tuple(row[k] for k in ROW_KEY)
         in_grid = provider == "ditfast" and seed == args.seeds[0]
@@ -308,10 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row.update({k: f"{v:.4f}" for k, v in score(images, ref, args).items()}, **env)
             append_rows(out, [row], fields=FID_FIELDS)  # one by one: a crash keeps every finished row
-            pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-            labels = torch.arange(len(images)) % 10  # ditfast.sample gave sample i the label i % 10
             print(f"  {spec.name} {provider} seed {seed}: FID {float(row['fid']):.2f}; a digit classifier (held-out accuracy "
-                  f"{classifier.accuracy:.1%}) recognises the requested digit in {classifier.score(pixels, labels):.1%}")  # fmt: skip
+                  f"{classifier.accuracy:.1%}) recognises the requested digit in {recognised(classifier, images):.1%}")  # fmt: skip
         rows.append(row)
     order = sorted(grid, key=flops.get)
     save_png(grid_path, make_grid(torch.cat([grid[n] for n in order]), nrow=per_row, pad=1, scale=3))

@@ -83,7 +83,7 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return "" if v is None else format(v, spec)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
@@ -149,7 +149,7 @@ def _slug(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", "_".join(parts)).strip("-").lower()[:80]
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return atomic_write(path, buf.getvalue())
@@ -174,7 +174,7 @@ def plot_throughput(tp: list[dict], plots_dir: str, plt) -> tuple[list[str], lis
         ax.set(xlabel="batch", ylabel="images / s", title=f"{what} ({dtype})\n{device}")
         ax.grid(alpha=0.3)
         ax.legend()
-        made.append(_save(fig, os.path.join(plots_dir, f"throughput_{_slug(what, dtype, device)}.png")))
+        made.append(save_figure(fig, os.path.join(plots_dir, f"throughput_{_slug(what, dtype, device)}.png")))
         plt.close(fig)
     return made, skipped
 
@@ -199,7 +199,7 @@ def plot_bandwidth(bw: list[dict], plots_dir: str, plt) -> tuple[list[str], list
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=60, ha="right", fontsize=7)
         ax.set(ylabel="GB/s", title=f"kernel bandwidth\n{device}")
         ax.legend(fontsize=7)
-        made.append(_save(fig, os.path.join(plots_dir, f"bandwidth_{_slug(device)}.png")))
+        made.append(save_figure(fig, os.path.join(plots_dir, f"bandwidth_{_slug(device)}.png")))
         plt.close(fig)
     return made, []
 
@@ -224,7 +224,7 @@ def plot_fid(fs: list[dict], plots_dir: str, plt) -> tuple[list[str], list[str]]
     ax.set(xlabel="Gflops per forward", ylabel="FID", title="sample quality vs compute")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = _save(fig, os.path.join(plots_dir, "gflops_fid.png"))
+    path = save_figure(fig, os.path.join(plots_dir, "gflops_fid.png"))
     plt.close(fig)
     return [path], []
 
@@ -236,7 +236,7 @@ def _shown(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -252,7 +252,7 @@ def build_report(results_dir: str, out: str, plots_dir: str, baseline: str = "ea
     timing, fid, notes = load_rows(results_dir)
     timing = latest(timing)
     tp, bw, fs = throughput_rows(timing, baseline), bandwidth_rows(timing), fid_summary(fid)
-    plt = _pyplot() if plots else None
+    plt = pyplot() if plots else None
     if plots and plt is None:
         notes.append("matplotlib is not installed: no plots (pip install ditfast[bench])")
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(out)))  # noqa: E731
@@ -276,21 +276,21 @@ def build_report(results_dir: str, out: str, plots_dir: str, baseline: str = "ea
 
     section(
         "Throughput", bool(tp),
-        _table(["what", "shape", "dtype", "provider", "device", "median ms (p20-p80)", "images/s", "TFLOP/s", f"x {baseline}"],
+        markdown_table(["what", "shape", "dtype", "provider", "device", "median ms (p20-p80)", "images/s", "TFLOP/s", f"x {baseline}"],
                [[r["what"], r["shape"], r["dtype"], r["provider"], r["device"], f"{r['ms']:.3f} ({_fmt(_num(r['p20_ms']), '.3f')}-{_fmt(_num(r['p80_ms']), '.3f')})",
                  _fmt(r["ips"], ".4g"), r["tflops"], _fmt(r["speedup"], ".2f")] for r in tp]),
         plot_throughput, tp, "no timing row names a batch size (B=...) in its shape",
     )  # fmt: skip
     section(
         "Kernel bandwidth", bool(bw),
-        _table(["what", "shape", "dtype", "provider", "device", "median us", "GB/s", "of copy GB/s"],
+        markdown_table(["what", "shape", "dtype", "provider", "device", "median us", "GB/s", "of copy GB/s"],
                [[r["what"], r["shape"], r["dtype"], r["provider"], r["device"], _fmt(_num(r["median_ms"]) * 1e3, ".4g"),
                  r["gbps"], f"{100 * r['of_copy']:.0f}%" if r["of_copy"] else ""] for r in bw]),
         plot_bandwidth, bw, "no timing row has a GB/s value",
     )  # fmt: skip
     section(
         "Gflops vs FID", bool(fs),
-        _table(["model", "Gflops", "provider", "sampler", "train steps", "samples", "FID (mean ± std over seeds)", "seeds", "sFID", "precision", "recall", "device"],
+        markdown_table(["model", "Gflops", "provider", "sampler", "train steps", "samples", "FID (mean ± std over seeds)", "seeds", "sFID", "precision", "recall", "device"],
                [[r["model"], _fmt(r["gflops"], ".3g"), r["provider"], r["sampler"], r["train_steps"], r["num_samples"],
                  _fmt(r["fid"], ".2f") + (f" ± {r['fid_std']:.2f}" if r["fid_std"] is not None else ""), str(r["seeds"]),
                  _fmt(r["sfid"], ".2f"), _fmt(r["precision"], ".3f"), _fmt(r["recall"], ".3f"), r["device"]] for r in fs]),
