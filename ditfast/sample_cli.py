@@ -49,7 +49,7 @@ def build_parser(prog: str = "ditfast sample") -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", *PRECISIONS), default=d.precision, help="auto: bf16 on CUDA, fp32 on CPU; fp64 is a slow reference mode")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank, before CFG doubling")
     p.add_argument("--mode", choices=MODES, default=d.mode, help="auto: graph on CUDA, eager on CPU")
-    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="adaLN ops of the model")
+    p.add_argument("--backend", choices=BACKENDS, default=d.backend, help="the model's ops other than attention (fused: the Triton and ditfast._C kernels; triton: its old name)")
     p.add_argument("--out", default=d.out, help="output folder")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard file (restart granularity)")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards per rank; rerun to continue")

@@ -97,7 +97,7 @@ class SampleConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16 | fp64 (reference)
     batch_size: int = 32
     mode: str = "auto"  # auto (graph on CUDA, eager on CPU) | eager | graph | compile
-    backend: str = "auto"  # adaLN ops of the model
+    backend: str = "auto"  # ops other than attention: auto | eager | fused (triton: its old name)
     out: str = "samples"
     shard_size: int = 256
     max_shards: int | None = None  # stop after this many shards per rank (a time-limited job; rerun to go on)

@@ -32,7 +32,7 @@ from .checkpoint import check_state_dict
 from .data import Samples, digits_samples, image_folder_samples, latent_shard_samples
 from .diffusion import create_diffusion
 from .flops import describe, gflops
-from .models import BLOCKS, DiT, SIZES
+from .models import BACKENDS, BLOCKS, DiT, SIZES
 from .seeding import generator
 
 __all__ = ["TrainConfig", "train", "build_model", "open_data", "main"]
@@ -59,7 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | tf32 | bf16 (auto: bf16 on CUDA, fp32 on CPU)
-    backend: str = "auto"  # adaLN ops: auto | eager | triton
+    backend: str = "auto"  # ops other than attention: auto | eager | fused (triton: its old name)
     grad_checkpointing: bool = False
     flip: bool = True  # random horizontal flip, where the data allows it
     out: str = "runs/dit"
@@ -348,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
-            choices = {"block": list(BLOCKS)}.get(f.name)
+            choices = {"block": list(BLOCKS), "backend": list(BACKENDS)}.get(f.name)
             parser.add_argument(flag, type=kind, default=default, choices=choices, help=f"default: {default}")
 
 
