@@ -231,7 +231,9 @@ def check_graph_step(device: torch.device, small: bool) -> list[Result]:
             engine = SamplingEngine(model, plan, batch_size=B, cfg_scale=4.0, precision=precision, mode=mode)
             results[mode] = engine.run(z.to(device), labels.to(device), noise.to(device))
         err = _rel(results["graph"], results["eager"])
-        tol = 1e-6  # the same kernels on the same buffers: graph replay should be exact or nearly
+        # the same kernels on the same buffers: replay should be exact, but cuBLAS may pick another
+        # algorithm under capture, so the dtype's forward tolerance (the error is printed either way)
+        tol = TOLERANCE["fwd", torch.float32 if precision == "fp32" else torch.bfloat16]
         rows.append(Result("sampling step x4 (graph vs eager)", "cuda graph", shape, precision, err, tol, err <= tol))
     return rows
 
