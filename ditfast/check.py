@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .precision import tf32
+
 __all__ = ["Result", "TOLERANCE", "run_checks", "main"]
 
 # Largest allowed error relative to the reference's scale, per dtype and pass. fp32 is checked with
@@ -246,10 +248,8 @@ def run_checks(device: torch.device | str | None = None, small: bool | None = No
     """Every check on ``device`` (default: CUDA if available, else CPU); small shapes on the CPU."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     small = device.type != "cuda" if small is None else small
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     rows = []
-    try:
+    with tf32(False):  # fp32 means fp32 here
         torch.manual_seed(0)
         for name, check in CHECKS.items():
             if only and name not in only:
@@ -258,8 +258,6 @@ def run_checks(device: torch.device | str | None = None, small: bool | None = No
                 rows += check(device, small)
             except Exception as exc:  # a crash is a failure of that check, and the others still run
                 rows.append(Result(name, "-", "-", "-", None, None, False, f"crashed: {type(exc).__name__}: {exc}"))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return rows
 
 

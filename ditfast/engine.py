@@ -11,12 +11,12 @@ loop. The run layer (:mod:`ditfast.sampling`) feeds the engine batches of noise 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 
 from .models import DiT
+from .precision import tf32
 from .samplers import Plan, update
 
 __all__ = ["SamplingEngine", "PRECISIONS", "MODES", "check_cfg_model"]
@@ -28,15 +28,9 @@ PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat
 MODES = ("eager", "graph", "compile")
 
 
-@contextlib.contextmanager
 def _matmul_precision(precision: str):
     """TF32 matmuls/convolutions on for every precision but strict fp32, restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return tf32(precision != "fp32")
 
 
 class _StepEmbedding(torch.nn.Module):

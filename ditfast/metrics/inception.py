@@ -25,7 +25,6 @@ values per image.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -34,6 +33,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+
+from ..precision import tf32
 
 __all__ = [
     "POOL_DIM", "SPATIAL_DIM", "INPUT_SIZE", "WHEEL", "inception_weights_path", "InceptionFeatureExtractor",
@@ -138,18 +139,10 @@ def _as_nchw_uint8(images) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-@contextlib.contextmanager
 def ieee_fp32(device: torch.device):
-    """Full fp32 convolutions and matmuls on CUDA (no TF32) while features are computed."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    """Full fp32 convolutions and matmuls (no TF32) while features are computed; ``device`` is
+    where they run (the switch only matters on CUDA)."""
+    return tf32(False)
 
 
 class InceptionFeatureExtractor:
