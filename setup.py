@@ -58,7 +58,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     package_dir={"ditfast": "ditfast", "ditfast.kernels": "kernels"},
-    packages=["ditfast", "ditfast.diffusion", "ditfast.ops", "ditfast.data", "ditfast.metrics", "ditfast.kernels"],
+    packages=["ditfast", "ditfast.diffusion", "ditfast.ops", "ditfast.data", "ditfast.metrics", "ditfast.interop", "ditfast.kernels"],
     package_data={"ditfast": ["assets/*.safetensors", "assets/*.json"], "ditfast.data": ["*.npz"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -69,18 +69,25 @@ class Spec:
     num_heads: int
     patch_size: int
     block: str = "adaLN-Zero"  # the DiT paper's block design (ditfast.DiT(block=...)); named only when not the default
+    arch: str = "DiT"  # "DiT" or "DiffiT" (ditfast.DiffiT: TMSA blocks, no adaLN; block stays the default); named only when DiffiT
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("DiT", "DiffiT") or (self.arch == "DiffiT" and self.block != "adaLN-Zero"):
+            raise ValueError(f"arch must be DiT or DiffiT (a DiffiT has no DiT block design), got {self.arch!r}, block {self.block!r}")
 
     @property
     def tag(self) -> str:
-        return self.name.replace("/", "-") + ("" if self.block == "adaLN-Zero" else f"_{self.block}")
+        return (self.name.replace("/", "-") + ("" if self.block == "adaLN-Zero" else f"_{self.block}")
+                + ("" if self.arch == "DiT" else f"_{self.arch}"))  # fmt: skip
 
     @property
     def label(self) -> str:
-        return self.name + ("" if self.block == "adaLN-Zero" else f" {self.block}")
+        return self.name + ("" if self.block == "adaLN-Zero" else f" {self.block}") + ("" if self.arch == "DiT" else f" {self.arch}")
 
     def describe(self) -> str:
         design = "" if self.block == "adaLN-Zero" else f", {self.block} blocks"
-        return f"DiT-{self.name} (depth {self.depth}, hidden {self.hidden_size}, {self.num_heads} head(s), patch {self.patch_size}{design})"
+        return (f"{self.arch}-{self.name} (depth {self.depth}, hidden {self.hidden_size}, {self.num_heads} head(s), "
+                f"patch {self.patch_size}{design})")  # fmt: skip
 
 
 MODELS = {
@@ -134,15 +141,17 @@ def train_model(spec: Spec, args: argparse.Namespace, steps: int | None = None) 
     export = os.path.join(out, "ema.safetensors" if steps is None else f"ema_{steps}steps.safetensors")
     if os.path.isfile(export):
         model = ditfast.load_model(export)
-        got = (len(model.blocks), model.x_embedder.proj.out_channels, model.num_heads, model.patch_size, model.block)
-        if got != (spec.depth, spec.hidden_size, spec.num_heads, spec.patch_size, spec.block):
-            raise SystemExit(f"error: {export} holds a DiT with (depth, hidden, heads, patch, block) = {got}, not {spec.describe()}")
+        got = (type(model).__name__, len(model.blocks), model.x_embedder.proj.out_channels, model.num_heads, model.patch_size,
+               getattr(model, "block", "adaLN-Zero"))  # fmt: skip
+        if got != (spec.arch, spec.depth, spec.hidden_size, spec.num_heads, spec.patch_size, spec.block):
+            raise SystemExit(f"error: {export} holds a model with (architecture, depth, hidden, heads, patch, block) = {got}, "
+                             f"not {spec.describe()}")  # fmt: skip
         print(f"{spec.describe()}: trained ({export})")
         return export
     s = train_settings(args)
     steps = s["steps"] if steps is None else steps
-    cfg = TrainConfig(
-        data="digits", image_size=16, depth=spec.depth, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+    cfg = TrainConfig(  # the registry name picks only the architecture: every size below overrides it
+        data="digits", image_size=16, model=f"{spec.arch}-S/2", depth=spec.depth, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         patch_size=spec.patch_size, block=spec.block, steps=steps, global_batch=s["global_batch"], lr=s["lr"],
         ema_decay=s["ema_decay"], seed=s["seed"], log_every=100, ckpt_every=500, out=out, resume=resume_point(out, steps),
         export=export, progress=not args.no_progress,

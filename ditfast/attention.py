@@ -54,6 +54,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import ops
 from .ops.attention import MAX_HEAD_DIM, check_packed_qkv
 from .ops.dispatch import Backend, BackendError, Dispatcher, dtype_name, register
+from .errors import check_float
 
 __all__ = [
     "attention",
@@ -386,6 +387,8 @@ def attention(qkv: torch.Tensor, num_heads: int, *, scale: float | None = None, 
     first backend of ``PRIORITY[device type]`` that fits) or a name from ``BACKENDS`` to force it.
     """
     chosen = select_backend(qkv, num_heads, backend)
+    if scale is not None:
+        scale = check_float("scale", scale, lo=0.0, lo_inclusive=False)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     return chosen(qkv, num_heads, head_dim**-0.5 if scale is None else scale)
 
@@ -424,6 +427,8 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, *, scale:
     the first backend of ``CROSS_PRIORITY[device type]`` that fits) or a name from ``CROSS_BACKENDS``.
     """
     chosen = select_cross_backend(q, kv, num_heads, backend)
+    if scale is not None:
+        scale = check_float("scale", scale, lo=0.0, lo_inclusive=False)
     head_dim = q.shape[-1] // num_heads
     return chosen.cross_attend(q, kv, num_heads, head_dim**-0.5 if scale is None else scale)
 

@@ -6,7 +6,8 @@ real shapes against its float64 reference; a table, and a non-zero exit on any f
 Checked, as the dispatch layer (``ditfast.ops.dispatch``) declares what can run here: the fused
 adaLN ops forward and backward (Triton; also without a gate and as a standard affine LayerNorm,
 as the adaLN, in-context and cross-attention block designs use them), every attention and
-cross-attention backend forward and backward, the compiled patch ops and timestep embedding
+cross-attention backend forward and backward, every TMSA backend (DiffiT's attention) forward and
+backward, the compiled patch ops and timestep embedding
 (``ditfast._C``), and on
 CUDA one captured CUDA-graph sampling step against the same step run eagerly. On a GPU the shapes
 are DiT-XL/2's (D 1152, 256 tokens, 16 heads of 72; head dim 64 as in DiT-B too); on a CPU (or
@@ -19,7 +20,6 @@ inputs (for backward: every input gradient for one random output gradient, the w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,6 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .cli import ArgumentParser, command, device_arg
+from .files import check_output_file
 from .precision import tf32
 
 __all__ = ["Result", "TOLERANCE", "run_checks", "main"]
@@ -176,6 +178,38 @@ def check_cross_attention(device: torch.device, small: bool) -> list[Result]:
     return rows
 
 
+def check_tmsa(device: torch.device, small: bool) -> list[Result]:
+    """Every TMSA backend (DiffiT's attention: time projection, relative position bias, windows)."""
+    from .ops.tmsa import BACKENDS, TMSAProblem, tmsa_attention_ref
+
+    # (B, grid, window, H, Dh, dtypes): the latent DiffiT-XL/2 at 256px in every dtype, 512px and
+    # image-space windows in bf16
+    every = (torch.bfloat16, torch.float16, torch.float32)
+    cases = [(1, (4, 4), None, 2, 72, (torch.float32,)), (3, (4, 8), (2, 4), 2, 64, (torch.float32,))] if small else [
+        (4, (16, 16), None, 16, 72, every), (2, (32, 32), None, 16, 72, (torch.bfloat16,)),
+        (4, (32, 32), (8, 8), 16, 72, (torch.bfloat16,))]  # fmt: skip
+    rows = []
+    for B, grid, window, H, Dh, dtypes in cases:
+        wh, ww = grid if window is None else window
+        shape = f"B{B} grid{grid[0]}x{grid[1]} window{wh}x{ww} H{H} Dh{Dh}"
+        kw = dict(grid=grid, window=window, scale=Dh**-0.5)
+        for dtype in dtypes:
+            qkv = torch.randn(B, grid[0] * grid[1], 3 * H * Dh, device=device)
+            qkv_t = 0.5 * torch.randn(B, 3 * H * Dh, device=device)
+            table = torch.randn((2 * wh - 1) * (2 * ww - 1), H, device=device)
+            problem = TMSAProblem(str(device), dtype, H, Dh, True, True, (wh, ww) != grid, True)
+            call = lambda b, q, t, tab: b(q, _shape(q, t, tab, H, grid, window), t, tab, Dh**-0.5)  # noqa: E731
+            ref = lambda q, t, tab, h=H, kw=kw: tmsa_attention_ref(q, h, qkv_t=t, bias_table=tab, **kw)  # noqa: E731
+            rows += _every_backend("tmsa", BACKENDS, problem, shape, call, ref, (qkv, qkv_t, table))
+    return rows
+
+
+def _shape(qkv, qkv_t, table, H, grid, window):
+    from .ops.tmsa import check_tmsa_inputs
+
+    return check_tmsa_inputs(qkv, H, qkv_t, table, grid, window)
+
+
 def check_patch_ops(device: torch.device, small: bool) -> list[Result]:
     from . import ops
 
@@ -241,7 +275,7 @@ def check_graph_step(device: torch.device, small: bool) -> list[Result]:
 
 
 CHECKS = {"adaln": check_adaln, "attention": check_attention, "cross-attention": check_cross_attention,
-          "patch ops": check_patch_ops, "graph step": check_graph_step}  # fmt: skip
+          "tmsa": check_tmsa, "patch ops": check_patch_ops, "graph step": check_graph_step}  # fmt: skip
 
 
 def run_checks(device: torch.device | str | None = None, small: bool | None = None, only: Sequence[str] | None = None) -> list[Result]:
@@ -274,22 +308,26 @@ def format_table(rows: list[Result]) -> str:
 
 def _write_json(path: str, data: dict) -> None:
     """Through a temporary file in the same folder and a rename: never a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    from .files import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+
+    atomic_write(path, write)
 
 
+@command("ditfast check")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ditfast check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p = ArgumentParser(prog="ditfast check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--small", action="store_true", help="small shapes on a GPU too (quick)")
     p.add_argument("--only", action="append", choices=tuple(CHECKS), help="run only this check (repeatable)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
+    if args.json:
+        check_output_file(args.json, overwrite=True, what="--json")  # its folder must exist: checked before the checks run
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run in Triton's interpreter
     t0 = time.perf_counter()

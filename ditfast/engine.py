@@ -15,6 +15,7 @@ import copy
 
 import torch
 
+from .diffit import DiffiT, cfg_schedule_for
 from .models import DiT
 from .precision import tf32
 from .samplers import Plan, update
@@ -64,6 +65,9 @@ class SamplingEngine:
     compute dtype of ``precision`` when the weights are not in it. ``cfg_scale`` > 1 runs the model on the [cond; null]
     doubled batch and guides with ``forward_with_cfg`` (the official 3-channel rule, or all eps
     channels with ``guide_all_channels``); 1 runs the plain conditional model on the batch.
+    ``model`` may also be a :class:`~ditfast.DiffiT`; ``cfg_schedule`` ("auto", "power-cosine",
+    "constant") is then its guidance schedule (:meth:`DiffiT.forward_with_cfg`; a DiT takes only
+    "auto" or "constant").
     ``mode``: "eager", "graph" (CUDA only: captured on the first :meth:`run`) or "compile".
 
     Static buffers (shapes fixed at construction): ``x`` (B, C, H, W) float32 state (float64 with
@@ -73,7 +77,7 @@ class SamplingEngine:
     """
 
     def __init__(self, model: DiT, plan: Plan, *, batch_size: int, cfg_scale: float = 1.0, guide_all_channels: bool = False,
-                 precision: str = "fp32", mode: str = "eager"):  # fmt: skip
+                 precision: str = "fp32", mode: str = "eager", cfg_schedule: str = "auto"):  # fmt: skip
         device = next(model.parameters()).device
         if mode not in MODES:
             raise ValueError(f"mode must be eager, graph or compile, got {mode!r}")
@@ -95,6 +99,15 @@ class SamplingEngine:
         self.guided = cfg_scale > 1
         if self.guided:
             check_cfg_model(model, guide_all_channels)
+        # forward_with_cfg's keywords; a DiffiT also takes its guidance schedule (the plan's timesteps
+        # are the original 0..999 ones, the scale its power-cosine schedule is defined on)
+        self._cfg_kwargs = dict(guide_all_channels=guide_all_channels, full_batch=False)
+        if isinstance(model, DiffiT):
+            cfg_schedule_for(model.input_size, cfg_schedule)  # ValueError for an unknown schedule
+            self._cfg_kwargs["cfg_schedule"] = cfg_schedule
+        elif cfg_schedule not in ("auto", "constant"):
+            raise ValueError(f"cfg schedule {cfg_schedule!r} is DiffiT's; a DiT guides with a constant scale "
+                             "(cfg_schedule 'auto' or 'constant')")  # fmt: skip
         B, C, H = batch_size, model.in_channels, model.input_size
         self.batch_size, self.rows = B, (2 * B if self.guided else B)
         state = torch.float64 if self.dtype == torch.float64 else torch.float32  # the sampler's state and arithmetic
@@ -122,7 +135,7 @@ class SamplingEngine:
             if self.guided:
                 # (B, C_out, H, W): the guided rows only (forward_with_cfg duplicates them in a second half)
                 out = self.model.forward_with_cfg(torch.cat([x, x]), t.expand(self.rows), y, self.cfg_scale,
-                                                  self.guide_all_channels, full_batch=False)  # fmt: skip
+                                                  **self._cfg_kwargs)  # fmt: skip
             else:
                 out = self.model(x, t.expand(self.rows), y)  # (B, C_out, H, W)
         step_noise = noise.index_select(0, k)[0] if noise is not None else None
@@ -210,11 +223,7 @@ class SamplingEngine:
 
 
 def check_cfg_model(model: DiT, guide_all_channels: bool) -> None:
-    """Raise ValueError unless ``model`` can be sampled with classifier-free guidance (cfg scale > 1)."""
-    if model.y_embedder.embedding_table.num_embeddings <= model.num_classes:
-        raise ValueError("classifier-free guidance (cfg scale > 1) needs a model with a null class "
-                         "(trained with class_dropout_prob > 0)")  # fmt: skip
-    if not guide_all_channels and model.in_channels < 3:
-        raise ValueError(f"the official CFG rule guides 3 eps channels but the model has {model.in_channels}; "
-                         "use guide_all_channels (--guide-all-channels)")  # fmt: skip
+    """Raise ValueError unless ``model`` can be sampled with classifier-free guidance (cfg scale > 1):
+    the model's own rule, :meth:`DiT.cfg_channels`, which ``forward_with_cfg`` applies too."""
+    model.cfg_channels(guide_all_channels)
 

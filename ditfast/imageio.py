@@ -8,6 +8,8 @@ import zlib
 
 import torch
 
+from .files import atomic_write
+
 __all__ = ["make_grid", "save_png", "read_png"]
 
 
@@ -44,10 +46,12 @@ def save_png(path: str, image: torch.Tensor) -> None:
     data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
     data += _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b"")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
 
 
 def read_png(path: str) -> torch.Tensor:

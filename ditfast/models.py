@@ -13,6 +13,7 @@ the released model (:class:`DiTBlock`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .attention import attention, check_backend_name, cross_attention
+from .errors import check_bool, check_choice, check_float, check_int
 from .ops import modulate, timestep_embedding_ref
 
 __all__ = [
@@ -83,10 +85,16 @@ def timestep_compiled(backend: str, device: torch.device) -> bool:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar diffusion timesteps -> (B, D): sinusoidal features, then Linear-SiLU-Linear."""
+    """Scalar diffusion timesteps -> (B, D): sinusoidal features, then Linear-SiLU-Linear.
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    ``freq_shift`` (default 0, the official features) divides the frequency exponent by
+    ``frequency_embedding_size // 2 - freq_shift``; diffusers' DiT uses 1. Only the official
+    features have a compiled kernel; other shifts always run the eager reference.
+    """
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0):
         super().__init__()
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -101,7 +109,9 @@ class TimestepEmbedder(nn.Module):
         return timestep_embedding_ref(t, dim, max_period)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        if timestep_compiled(self.backend, t.device):  # the same features from ditfast._C, one kernel
+        if self.freq_shift:  # diffusers' features (see timestep_embedding_ref)
+            t_freq = timestep_embedding_ref(t, self.frequency_embedding_size, freq_shift=self.freq_shift)
+        elif timestep_compiled(self.backend, t.device):  # the same features from ditfast._C, one kernel
             t_freq = ops.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
         else:
             t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
@@ -344,6 +354,38 @@ class FinalLayer(nn.Module):
         return self.linear(h)  # (B, T, p*p*C_out)
 
 
+def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                  class_dropout_prob, num_classes, learn_sigma, backend, attn_backend, block) -> None:
+    """Refuse a DiT configuration before anything is built: a TypeError for a wrong type, a
+    ValueError for a value out of range or inconsistent with another, each naming the argument.
+    ``depth`` 0 (no blocks: patch embedding, conditioning and final layer only) is allowed."""
+    input_size = check_int("input_size", input_size, min=1)
+    patch_size = check_int("patch_size", patch_size, min=1)
+    check_int("in_channels", in_channels, min=1)
+    hidden_size = check_int("hidden_size", hidden_size, min=4)
+    check_int("depth", depth, min=0)
+    num_heads = check_int("num_heads", num_heads, min=1)
+    mlp_ratio = check_float("mlp_ratio", mlp_ratio, lo=0, lo_inclusive=False)
+    check_float("class_dropout_prob", class_dropout_prob, 0.0, 1.0)
+    check_int("num_classes", num_classes, min=1)
+    check_bool("learn_sigma", learn_sigma)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("block", block, BLOCKS)
+    try:
+        check_backend_name(attn_backend)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"attn_backend: {e}") from None
+    if input_size % patch_size:
+        raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
+    if hidden_size % 4:
+        # the 2D sin-cos position embedding splits D into four equal parts
+        raise ValueError(f"hidden_size must be a multiple of 4, got {hidden_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    if int(hidden_size * mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio {mlp_ratio} gives an MLP of int({hidden_size} * {mlp_ratio}) = 0 hidden units")
+
+
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone (Peebles & Xie, ICCV 2023).
 
@@ -351,6 +393,11 @@ class DiT(nn.Module):
     ``forward(x, t, y)`` maps latents (B, C, H, W), timesteps (B,) in [0, 1000) and labels (B,)
     in [0, num_classes] (``num_classes`` = the null class) to (B, C_out, H, W), where
     C_out = 2*C with ``learn_sigma`` (eps and the variance interpolation v) and C otherwise.
+    Inputs outside that contract are refused with a ValueError before any work: x of another rank,
+    shape, device or dtype than the parameters (outside autocast), boolean/complex t, NaN or
+    infinite t, t outside [0, ``num_timesteps``) (fractional t is allowed), non-integer or
+    out-of-range y. The value checks cost one device-to-host read (``check_label_range``).
+    Constructor arguments are checked for type, range and consistency (:func:`_check_config`).
 
     ``block`` (keyword-only) picks one of the paper's four block designs (Section 3.2, Figure 5):
     "adaLN-Zero" (default: the released model, state_dict and outputs unchanged), "adaLN" (the
@@ -362,6 +409,13 @@ class DiT(nn.Module):
     the modulation (of every block and of the final layer), which makes each block the identity at
     the start. adaLN keeps the default xavier init there, as the paper zero-initialises only for
     adaLN-Zero; LayerNorm weights start at 1, biases at 0.
+
+    ``timestep_freq_shift`` and ``mlp_norm_eps`` (keyword-only) are numeric settings for models
+    converted from diffusers' ``DiTTransformer2DModel`` (:mod:`ditfast.interop.diffusers`, which
+    sets them to 1 and the folder's ``norm_eps``): the timestep features' frequency shift (see
+    :class:`TimestepEmbedder`) and the eps of each block's LayerNorm before the MLP. The defaults,
+    0 and 1e-6, are the official math; neither setting adds a state_dict key, and both are kept as
+    attributes of the same names.
     """
 
     def __init__(
@@ -380,21 +434,27 @@ class DiT(nn.Module):
         backend: str = "auto",
         attn_backend: str = "auto",
         block: str = "adaLN-Zero",
+        timestep_freq_shift: float = 0.0,
+        mlp_norm_eps: float = 1e-6,
     ):
         super().__init__()
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {list(BLOCKS)}, got {block!r}")
+        # numeric settings of models converted from diffusers (ditfast.interop.diffusers); the
+        # defaults are the official math. They add no state_dict keys.
+        self.timestep_freq_shift = check_float("timestep_freq_shift", timestep_freq_shift, 0.0, 127.0)
+        self.mlp_norm_eps = check_float("mlp_norm_eps", mlp_norm_eps, 0.0, 1.0, lo_inclusive=False)
+        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                      class_dropout_prob, num_classes, learn_sigma, backend, attn_backend, block)
         self.block = block
         self.grad_checkpointing = False  # recompute each block in backward (less memory, ~1.3x compute)
         # Check the label values on every forward (one device-to-host read of min/max). Callers that
         # validate labels once up front, such as the sampling engine, turn it off: per step, that
         # read stalls the host until the GPU catches up and breaks the launch pipelining.
         self.check_label_range = True
-        if input_size % patch_size:
-            raise ValueError(f"input_size {input_size} must be a multiple of patch_size {patch_size}")
-        if hidden_size % 4:
-            # the 2D sin-cos position embedding splits D into four equal parts
-            raise ValueError(f"hidden_size must be a multiple of 4, got {hidden_size}")
+        # The length of the diffusion the model was trained on: forward refuses timesteps outside
+        # [0, num_timesteps) (checked with the labels, under check_label_range). 1000 is the DiT
+        # schedule (create_diffusion's default); set it for a model trained with another
+        # diffusion_steps, or to None to check only that timesteps are finite and >= 0.
+        self.num_timesteps: int | None = 1000
         self.input_size = input_size
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -405,12 +465,14 @@ class DiT(nn.Module):
         self.class_dropout_prob = class_dropout_prob
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size, bias=True)
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding; a frozen Parameter so it is saved in the state_dict like the official one.
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([BLOCKS[block](hidden_size, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)])
+        for b in self.blocks:  # the LayerNorm before each MLP (the eager and the fused path read .eps)
+            b.norm2.eps = mlp_norm_eps
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, adaptive=block in _ADAPTIVE)
         self.backend = backend
         self.attn_backend = attn_backend
@@ -472,23 +534,42 @@ class DiT(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.shape[1] != self.in_channels or tuple(x.shape[2:]) != (size, size):
             raise ValueError(f"x must have shape {expected} for this model, got {tuple(x.shape)}")
+        weight = self.x_embedder.proj.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"x has dtype {x.dtype} but the model's parameters are {weight.dtype}: cast x "
+                            f"(x.to({weight.dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device} but the model is on {weight.device}")
         batch = x.shape[0]
         for name, v in (("t", t), ("y", y)):
             if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.shape[0] != batch:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"{name} must be a 1-D tensor with one entry per sample ({batch},), got {got}")
+            if v.device != x.device:
+                raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"t must hold real (integer or floating-point) timesteps, got dtype {t.dtype}")
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
             raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
-        # Label range needs the values; skip while tracing or capturing a CUDA graph (no host sync).
-        if torch.compiler.is_compiling() or (y.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # Value ranges need the values; skip while tracing or capturing a CUDA graph (no host sync).
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return
         if batch == 0 or not self.check_label_range:
             return
+        # one device-to-host read for both ranges (min/max propagate NaN)
+        t_lo, t_hi, lo, hi = torch.stack([*torch.aminmax(t.double()), *torch.aminmax(y.double())]).tolist()
+        if not (math.isfinite(t_lo) and math.isfinite(t_hi)):
+            raise ValueError("t must hold finite timesteps, got NaN or infinity")
+        top_t = self.num_timesteps
+        if t_lo < 0 or (top_t is not None and t_hi >= top_t):
+            expected = f"[0, {top_t})" if top_t is not None else ">= 0"
+            raise ValueError(f"t must lie in {expected} (the model's training diffusion steps; see "
+                             f"DiT.num_timesteps), got values in [{t_lo:g}, {t_hi:g}]")
         top = self.y_embedder.embedding_table.num_embeddings - 1
-        lo, hi = (int(v) for v in torch.aminmax(y))
+        lo, hi = int(lo), int(hi)
         if lo < 0 or hi > top:
             null = f" ({self.num_classes} is the null class)" if top == self.num_classes else ""
-            raise ValueError(f"labels must lie in [0, {top}]{null}, got values in [{lo}, {hi}]")
+            raise ValueError(f"y: labels must lie in [0, {top}]{null}, got values in [{lo}, {hi}]")
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
@@ -565,6 +646,24 @@ class DiT(nn.Module):
             if isinstance(block, CrossAttentionBlock):
                 block.cross_attn.backend = value
 
+    def cfg_channels(self, guide_all_channels: bool = False) -> int:
+        """How many leading output channels classifier-free guidance combines: 3 under the official
+        rule, ``in_channels`` (every eps channel) with ``guide_all_channels``. Raises ValueError for a
+        model that cannot be guided: one without a null class (trained with class_dropout_prob = 0),
+        or one whose learned-sigma output would put variance channels among the 3 the official rule
+        guides (``in_channels`` < 3: guiding the variance interpolation is meaningless)."""
+        check_bool("guide_all_channels", guide_all_channels)
+        if self.y_embedder.embedding_table.num_embeddings <= self.num_classes:
+            raise ValueError("classifier-free guidance (cfg scale > 1) needs a model with a null class "
+                             "(trained with class_dropout_prob > 0)")  # fmt: skip
+        if guide_all_channels:
+            return self.in_channels
+        if self.learn_sigma and self.in_channels < 3:
+            raise ValueError(f"the official CFG rule guides 3 eps channels but the model has {self.in_channels} "
+                             f"(channels {self.in_channels}.. are its learned variance, which must not be guided); "
+                             "use guide_all_channels=True (--guide-all-channels)")  # fmt: skip
+        return min(3, self.in_channels)
+
     def forward_with_cfg(
         self,
         x: torch.Tensor,
@@ -584,13 +683,15 @@ class DiT(nn.Module):
         the official signature) returns only the first half, what a sampler steps with; the fused
         unpatchify then writes only that half.
         """
-        if x.dim() < 1 or x.shape[0] % 2:
-            raise ValueError(
-                f"forward_with_cfg expects an even batch [cond; uncond], got batch {x.shape[0] if x.dim() else 0}"
-            )
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] % 2:
+            got = (x.shape[0] if x.dim() else 0) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"forward_with_cfg expects an even batch x = [cond; uncond], got batch {got}")
+        if not isinstance(cfg_scale, torch.Tensor):  # a 0-dim tensor (a CUDA graph's refreshed scalar) passes as is
+            check_float("cfg_scale", cfg_scale)
+        n_guided = self.cfg_channels(guide_all_channels)
+        check_bool("full_batch", full_batch)
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        n_guided = self.in_channels if guide_all_channels else 3
         if patch_ops_enabled(self.backend, x.device):  # the lines below, fused into the unpatchify pass
             tokens = self.forward_tokens(combined, t, y)
             n_guided = min(n_guided, self.out_channels)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .diffusion import create_diffusion
+from .diffusion.gaussian_diffusion import check_eta, ddim_eps_coef
 
 __all__ = ["SAMPLERS", "COLUMNS", "Plan", "make_plan", "min_steps", "dpm_solver_timesteps", "update"]
 
@@ -84,8 +85,9 @@ def make_plan(sampler: str, steps: int, *, learned_sigma: bool = True, eta: floa
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(steps, int) or not min_steps(sampler) <= steps <= MAX_STEPS:
         raise ValueError(f"{sampler} needs {min_steps(sampler)} <= steps <= {MAX_STEPS}, got {steps!r}")
-    if eta < 0 or (eta and sampler != "ddim"):
-        raise ValueError(f"eta must be >= 0 and is only used by ddim, got eta={eta} with sampler {sampler}")
+    eta = check_eta(eta)  # in [0, 1]: past 1 the DDIM update is the root of a negative number
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is only used by ddim, got eta={eta} with sampler {sampler}")
     if sampler == "dpm-solver++":
         return _dpm_solver_plan(steps, learned_sigma, clip_denoised)
     d = create_diffusion(str(steps), learn_sigma=learned_sigma)
@@ -109,7 +111,7 @@ def make_plan(sampler: str, steps: int, *, learned_sigma: bool = True, eta: floa
         alpha_bar, alpha_bar_prev = col(d.alphas_cumprod), col(d.alphas_cumprod_prev)
         sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         coefs = [col(d.sqrt_recip_alphas_cumprod), col(d.sqrt_recipm1_alphas_cumprod), torch.sqrt(alpha_bar_prev),
-                 torch.sqrt(1 - alpha_bar_prev - sigma**2), nonzero * sigma]  # fmt: skip
+                 ddim_eps_coef(alpha_bar_prev, sigma), nonzero * sigma]  # fmt: skip
         stochastic = eta > 0
     return Plan(sampler, timesteps, torch.stack(coefs, dim=1), stochastic, learned_sigma, clip_denoised)
 

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,11 +33,19 @@ import torch.distributed as dist
 from .checkpoint import load_model
 from .data import pixels_to_uint8
 from .engine import MODES as ENGINE_MODES, PRECISIONS, SamplingEngine, check_cfg_model
-from .flops import describe, gflops
+from .files import atomic_write, remove_orphans
+from .flops import describe, fmt_sig, gflops
 from .imageio import make_grid, save_png
+from .interop.diffusers import is_diffusers_folder
+from .checkpoint import MODEL_TYPES, MODELS
+from .diffit import CFG_SCHEDULES, DiffiT, cfg_schedule_for
+from .diffit_unet import DiffiTUNet, DiffiTUNet_models
+from .edm import EDM_SAMPLERS, EDMEngine, EDMPlan, make_edm_plan
 from .models import BACKENDS, DiT, DiT_models
 from .samplers import SAMPLERS, MAX_STEPS, Plan, make_plan, min_steps
-from .seeding import generator
+from .errors import check_bool, check_float, check_int, resolve_device
+from .seeding import SEED_MAX, generator
+from .diffusion.gaussian_diffusion import check_eta
 
 __all__ = ["SampleConfig", "SamplingEngine", "Generated", "sample", "run", "index_noise", "index_labels"]
 
@@ -68,6 +77,8 @@ def index_labels(seed: int, indices, num_classes: int, labels=None) -> torch.Ten
     from sample i's label generator (seed, i, 1)."""
     if labels:
         return torch.tensor([labels[int(i) % len(labels)] for i in indices], dtype=torch.int64)
+    if num_classes == 0:  # an unconditional model: the labels are placeholders
+        return torch.zeros(len(indices), dtype=torch.int64)
     return torch.cat([torch.randint(num_classes, (1,), generator=generator(seed, int(i), 1)) for i in indices])
 
 
@@ -92,7 +103,12 @@ class SampleConfig:
     eta: float = 0.0
     cfg_scale: float = 4.0
     guide_all_channels: bool = False
+    cfg_schedule: str = "auto"  # DiffiT's guidance: auto (power-cosine at latent side <= 32, else constant) | power-cosine | constant
     clip_denoised: bool = False
+    s_churn: float = 0.0  # EDM sampler (edm-heun): stochasticity; 0 is the deterministic Heun sampler
+    s_min: float = 0.0  # EDM: churn only where s_min <= sigma <= s_max
+    s_max: float = float("inf")
+    s_noise: float = 1.0  # EDM: scale of the churn noise
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16 | fp16 | fp64 (reference)
     batch_size: int = 32
@@ -107,8 +123,8 @@ class SampleConfig:
 
     # fields that decide the samples: a restarted run must agree on them
     MANIFEST_KEYS = ("model", "ckpt", "input_size", "num_classes", "in_channels", "vae", "labels", "num_samples", "sampler",
-                     "steps", "eta", "cfg_scale", "guide_all_channels", "clip_denoised", "seed", "precision",
-                     "shard_size", "png")  # fmt: skip
+                     "steps", "eta", "cfg_scale", "guide_all_channels", "cfg_schedule", "clip_denoised", "seed", "precision",
+                     "shard_size", "png", "s_churn", "s_min", "s_max", "s_noise")  # fmt: skip
 
 
 def _resolve(cfg: SampleConfig, device: torch.device) -> SampleConfig:
@@ -119,35 +135,54 @@ def _resolve(cfg: SampleConfig, device: torch.device) -> SampleConfig:
         num_samples=n,
         labels=tuple(int(v) for v in cfg.labels) if cfg.labels else None,
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
-        mode=cfg.mode if cfg.mode != "auto" else ("graph" if device.type == "cuda" else "eager"),
+        # (the EDM sampler has no CUDA-graph mode: see ditfast.edm.EDMEngine)
+        mode=cfg.mode if cfg.mode != "auto" else ("graph" if device.type == "cuda" and cfg.sampler not in EDM_SAMPLERS else "eager"),
     )
 
 
 def check_config(cfg: SampleConfig) -> None:
     """Raise ValueError for anything wrong that can be seen before loading or sampling anything."""
-    if cfg.ckpt is not None and not os.path.isfile(cfg.ckpt):
-        raise ValueError(f"checkpoint not found: {cfg.ckpt}")
-    if cfg.model is not None and cfg.model not in DiT_models:
-        raise ValueError(f"unknown model {cfg.model!r}; expected one of {sorted(DiT_models)}")
+    if cfg.ckpt is not None and not (os.path.isfile(cfg.ckpt) or is_diffusers_folder(cfg.ckpt)):
+        raise ValueError(f"checkpoint not found (neither a file nor a diffusers DiT folder): {cfg.ckpt}")
+    if cfg.model is not None and cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; expected one of {sorted(MODELS)}")
+    if cfg.cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg schedule must be one of {CFG_SCHEDULES}, got {cfg.cfg_schedule!r}")
+    if cfg.cfg_schedule == "power-cosine" and cfg.model in DiT_models:
+        raise ValueError(f"cfg schedule 'power-cosine' is DiffiT's; {cfg.model} guides with a constant scale")
     if cfg.vae is not None:
         if not os.path.isdir(cfg.vae) or not os.path.isfile(os.path.join(cfg.vae, "config.json")):
             raise ValueError(f"VAE folder not found or has no config.json: {cfg.vae} (expected a diffusers AutoencoderKL folder)")
         if importlib.util.find_spec("diffusers") is None:
             raise ValueError("decoding with a VAE needs diffusers: pip install diffusers")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {cfg.sampler!r}")
-    if not min_steps(cfg.sampler) <= cfg.steps <= MAX_STEPS:
-        raise ValueError(f"steps must lie in [{min_steps(cfg.sampler)}, {MAX_STEPS}] for {cfg.sampler}, got {cfg.steps}")
+    if cfg.sampler not in (*SAMPLERS, *EDM_SAMPLERS):
+        raise ValueError(f"sampler must be one of {(*SAMPLERS, *EDM_SAMPLERS)}, got {cfg.sampler!r}")
+    check_int("steps", cfg.steps)
+    lo = 1 if cfg.sampler in EDM_SAMPLERS else min_steps(cfg.sampler)
+    if not lo <= cfg.steps <= MAX_STEPS:
+        raise ValueError(f"steps must lie in [{lo}, {MAX_STEPS}] for {cfg.sampler}, got {cfg.steps}")
+    if cfg.sampler not in EDM_SAMPLERS and (cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) != (0.0, 0.0, float("inf"), 1.0):
+        raise ValueError(f"s_churn, s_min, s_max and s_noise are the EDM sampler's (edm-heun), got them with sampler {cfg.sampler}")
+    if cfg.sampler in EDM_SAMPLERS:
+        make_edm_plan(cfg.steps, s_churn=cfg.s_churn, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise)  # their checks
+    check_float("cfg_scale", cfg.cfg_scale)
     if not cfg.cfg_scale >= 1:
         raise ValueError(f"cfg scale must be >= 1 (1 = no guidance), got {cfg.cfg_scale}")
-    if cfg.eta < 0 or (cfg.eta and cfg.sampler != "ddim"):
-        raise ValueError(f"eta must be >= 0 and is only used by ddim, got eta={cfg.eta} with sampler {cfg.sampler}")
+    check_eta(cfg.eta)  # in [0, 1]: past 1 the DDIM update is the root of a negative number (NaN samples)
+    if cfg.eta and cfg.sampler != "ddim":
+        raise ValueError(f"eta is only used by ddim, got eta={cfg.eta} with sampler {cfg.sampler}")
+    # the generators take 63-bit seeds: a larger one would be folded onto another seed's samples
+    check_int("seed", cfg.seed, min=0, max=SEED_MAX)
+    for name in ("guide_all_channels", "clip_denoised", "png", "progress"):
+        check_bool(name, getattr(cfg, name))
     for name in ("batch_size", "num_samples", "shard_size", "max_shards", "input_size", "num_classes", "in_channels"):
         value = getattr(cfg, name)
-        if value is not None and value < 1:
+        if value is not None and check_int(name, value) < 1:
             raise ValueError(f"{name.replace('_', ' ')} must be positive, got {value}")
     if cfg.labels is not None and len(cfg.labels) == 0:
         raise ValueError("labels must name at least one class (or leave them out for random labels)")
+    for i, label in enumerate(cfg.labels or ()):
+        check_int(f"labels[{i}]", label)  # 1.7 is no class: refused, not truncated to 1
     if cfg.labels and min(cfg.labels) < 0:
         raise ValueError(f"labels must be >= 0, got {min(cfg.labels)}")
     if cfg.precision not in ("auto", *PRECISIONS):
@@ -156,7 +191,8 @@ def check_config(cfg: SampleConfig) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {cfg.backend!r}")
-    if cfg.device is not None and torch.device(cfg.device).type != "cuda" and cfg.mode == "graph":
+    device = resolve_device(cfg.device) if cfg.device is not None else None  # DeviceError: malformed or absent
+    if device is not None and device.type != "cuda" and cfg.mode == "graph":
         raise ValueError("mode 'graph' captures a CUDA graph: it needs a CUDA device")
     if cfg.mode == "graph" and cfg.device is None and not torch.cuda.is_available():
         raise ValueError("mode 'graph' captures a CUDA graph: it needs a CUDA device, and none is available")
@@ -172,7 +208,8 @@ def build_model(cfg: SampleConfig, device: torch.device) -> DiT:
     else:
         torch.manual_seed(cfg.seed)
         with torch.device(device):
-            model = DiT_models[cfg.model or "DiT-XL/2"](**{"input_size": 32, "num_classes": 1000, "in_channels": 4, **sizes})
+            defaults = {} if cfg.model in DiffiTUNet_models else {"input_size": 32, "num_classes": 1000, "in_channels": 4}
+            model = MODELS[cfg.model or "DiT-XL/2"](**{**defaults, **sizes})
     model.backend = cfg.backend
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -196,16 +233,47 @@ def _pixels_out(model: DiT, vae) -> bool:
     return vae is not None or model.in_channels in (1, 3)
 
 
+def _make_plan(cfg: SampleConfig, model) -> Plan | EDMPlan:
+    """The sampler plan of ``cfg``: EDM's (:mod:`ditfast.edm`) for an image-space DiffiT, which is
+    sampled with "edm-heun" only, else :func:`ditfast.samplers.make_plan`."""
+    if isinstance(model, DiffiTUNet) != (cfg.sampler in EDM_SAMPLERS):
+        raise ValueError(f"sampler {cfg.sampler!r} cannot sample a {type(model).__name__}: the image-space DiffiT "
+                         f"(DiffiTUNet) is an EDM denoiser, sampled with {EDM_SAMPLERS[0]!r}; DiT and DiffiT with {SAMPLERS}")  # fmt: skip
+    if isinstance(model, DiffiTUNet):
+        if cfg.vae is not None:
+            raise ValueError("the image-space DiffiT denoises pixels: sample it without a VAE")
+        return make_edm_plan(cfg.steps, s_churn=cfg.s_churn, s_min=cfg.s_min, s_max=cfg.s_max, s_noise=cfg.s_noise,
+                             clip_denoised=cfg.clip_denoised)  # fmt: skip
+    return make_plan(cfg.sampler, cfg.steps, learned_sigma=model.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
+
+
+def _make_engine(cfg: SampleConfig, model, plan):
+    """The engine that runs ``plan`` (an :class:`EDMEngine` for an EDM plan)."""
+    if isinstance(plan, EDMPlan):
+        return EDMEngine(model, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, precision=cfg.precision, mode=cfg.mode)
+    return SamplingEngine(model, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale, guide_all_channels=cfg.guide_all_channels,
+                          precision=cfg.precision, mode=cfg.mode, cfg_schedule=cfg.cfg_schedule)  # fmt: skip
+
+
+def _evaluations(plan) -> int:
+    """Model evaluations per image (EDM Heun: 2N - 1 for N steps)."""
+    return plan.model_evaluations if isinstance(plan, EDMPlan) else plan.steps
+
+
 def plan_line(model: DiT, plan: Plan, cfg: SampleConfig, todo: int, world: int, weights: str, vae) -> str:
     """The one-line summary printed before sampling, with the model cost per image."""
     per_forward = gflops(model)
+    evals = _evaluations(plan)
     rows = 2 if cfg.cfg_scale > 1 else 1
-    cfg_text = f"cfg {cfg.cfg_scale:g} on {'all eps' if cfg.guide_all_channels else '3'} channels" if rows == 2 else "no cfg"
-    sampler = f"{plan.sampler}{f' eta {cfg.eta:g}' if cfg.eta else ''}, {plan.steps} steps"
+    schedule = f" ({cfg_schedule_for(model.input_size, cfg.cfg_schedule)})" if isinstance(model, DiffiT) else ""
+    guided = "the denoised image" if isinstance(model, DiffiTUNet) else f"{'all eps' if cfg.guide_all_channels else '3'} channels"
+    cfg_text = f"cfg {cfg.cfg_scale:g}{schedule} on {guided}" if rows == 2 else "no cfg"
+    churn = f" S_churn {cfg.s_churn:g} in [{cfg.s_min:g}, {cfg.s_max:g}], S_noise {cfg.s_noise:g}" if cfg.s_churn else ""
+    sampler = f"{plan.sampler}{f' eta {cfg.eta:g}' if cfg.eta else ''}{churn}, {plan.steps} steps"
     batch = "on the CFG-doubled batch" if rows == 2 else "on the batch"
     return (f"plan: {cfg.num_samples} samples ({todo} to make, {world} rank(s)) | {describe(model)}, {weights}, "
-            f"{'VAE ' + str(cfg.vae) if vae is not None else 'no VAE'} | {sampler}, {cfg_text} | {plan.steps} model forwards "
-            f"per image {batch}: {per_forward:.2f} x {plan.steps} x {rows} = {per_forward * plan.steps * rows:.1f} Gflops/image "
+            f"{'VAE ' + str(cfg.vae) if vae is not None else 'no VAE'} | {sampler}, {cfg_text} | {evals} model forwards "
+            f"per image {batch}: {fmt_sig(per_forward)} x {evals} x {rows} = {fmt_sig(per_forward * evals * rows)} Gflops/image "
             f"| {cfg.precision}, {cfg.mode} mode, batch {cfg.batch_size} | out {cfg.out}")  # fmt: skip
 
 
@@ -258,7 +326,7 @@ class _Job:
 
 def _device(cfg: SampleConfig, local_rank: int = 0) -> torch.device:
     if cfg.device is not None:
-        return torch.device(cfg.device)
+        return resolve_device(cfg.device)  # "cuda" -> "cuda:<current>"; DeviceError where CUDA is absent
     return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
@@ -279,44 +347,57 @@ class Generated:
     images: torch.Tensor | None  # (N, H', W', 3 or 1) uint8 (ADM convention) when the output is pixels
 
 
-def sample(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | None = None, sampler: str = "ddpm",
+def sample(model: DiT | DiffiT | str = "DiT-XL/2", *, labels=None, num_samples: int | None = None, sampler: str = "ddpm",
              steps: int = 250, eta: float = 0.0, cfg_scale: float = 4.0, guide_all_channels: bool = False,
-             clip_denoised: bool = False, seed: int = 0, precision: str = "auto", batch_size: int = 32,
-             mode: str = "auto", vae=None, device=None, progress: bool = False, **model_config) -> Generated:  # fmt: skip
+             cfg_schedule: str = "auto", clip_denoised: bool = False, seed: int = 0, precision: str = "auto", batch_size: int = 32,
+             mode: str = "auto", vae=None, device=None, progress: bool = False, s_churn: float = 0.0, s_min: float = 0.0,
+             s_max: float = float("inf"), s_noise: float = 1.0, **model_config) -> Generated:  # fmt: skip
     """Sample ``num_samples`` images (indices 0..N-1) in memory; the engine of ``ditfast sample``.
 
-    ``model``: a :class:`DiT` (used on its device), a registry name (random weights, for speed work;
+    ``model``: a :class:`DiT` or :class:`DiffiT` (used on its device), a registry name (random weights, for speed work;
     ``model_config`` such as ``input_size``/``num_classes``/``in_channels`` sizes it) or a
     checkpoint path (``model_config`` overrides go to :func:`ditfast.load_model`). ``vae``: a local
     AutoencoderKL folder, a loaded AutoencoderKL, or None. Sample i depends only on (seed, i) and
-    the settings, not on ``batch_size``. Other arguments as for ``ditfast sample --help``.
+    the settings, not on ``batch_size``. An image-space DiffiT (:class:`ditfast.diffit_unet.DiffiTUNet`,
+    names "DiffiT-CIFAR", "DiffiT-Digits16" ...) is sampled with ``sampler="edm-heun"`` (EDM's Heun
+    sampler, ``steps`` = N, 2N - 1 evaluations; ``s_churn``/``s_min``/``s_max``/``s_noise`` its
+    stochastic variant). Other arguments as for ``ditfast sample --help``.
     """
     unknown = set(model_config) - {"input_size", "num_classes", "in_channels"}
     if unknown:
         raise ValueError(f"unknown model_config keys {sorted(unknown)}; expected input_size, num_classes, in_channels")
-    given = model if isinstance(model, DiT) else None
+    if not isinstance(model, (*MODEL_TYPES, str, os.PathLike)):
+        raise TypeError(f"model must be a DiT, a DiffiT, a registry name or a checkpoint path, got {type(model).__name__}")
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
+    if labels is not None and (isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__")):
+        raise TypeError(f"labels must be a sequence of integer class labels, got {labels!r}")
+    given = model if isinstance(model, MODEL_TYPES) else None
     if given is not None and model_config:
         raise ValueError(f"model_config ({sorted(model_config)}) applies to a model built from a name or checkpoint, not a given DiT")
-    name = None if given is not None or model not in DiT_models else model
+    name = None if given is not None or model not in MODELS else model
     ckpt = model if given is None and name is None else None
-    if ckpt is not None and not os.path.isfile(ckpt):
-        raise ValueError(f"model must be a DiT, a registry name ({', '.join(DiT_models)}) or a checkpoint file; "
+    if ckpt is not None and not (os.path.isfile(ckpt) or is_diffusers_folder(ckpt)):
+        raise ValueError(f"model must be a DiT, a DiffiT, a registry name ({', '.join(MODELS)}), a checkpoint file or a diffusers folder; "
                          f"{model!r} is neither")  # fmt: skip
-    if device is None and given is not None:
-        device = next(given.parameters()).device
+    if given is not None:
+        own = next(given.parameters()).device
+        if device is None:
+            device = own
+        elif resolve_device(device) != own:  # DeviceError first where the device is absent or malformed
+            raise ValueError(f"device={str(device)!r} but the given model is on {own}: move the model "
+                             f"(model.to({str(resolve_device(device))!r})) or leave device out")  # fmt: skip
     cfg = SampleConfig(model=name, ckpt=ckpt, vae=vae if isinstance(vae, (str, os.PathLike)) or vae is None else None,
                        labels=tuple(labels) if labels is not None else None, num_samples=num_samples, sampler=sampler,
                        steps=steps, eta=eta, cfg_scale=cfg_scale, guide_all_channels=guide_all_channels,
-                       clip_denoised=clip_denoised, seed=seed, precision=precision, batch_size=batch_size, mode=mode,
-                       progress=progress, device=str(device) if device is not None else None, **model_config)  # fmt: skip
+                       cfg_schedule=cfg_schedule, clip_denoised=clip_denoised, seed=seed, precision=precision, batch_size=batch_size, mode=mode,
+                       progress=progress, s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=s_noise, device=str(device) if device is not None else None, **model_config)  # fmt: skip
     check_config(cfg)
     dev = _device(cfg)
     cfg = _resolve(cfg, dev)
     net = given if given is not None else build_model(cfg, dev)
     _check_labels(cfg, net)
-    plan = make_plan(cfg.sampler, cfg.steps, learned_sigma=net.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
-    engine = SamplingEngine(net, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
-                            guide_all_channels=cfg.guide_all_channels, precision=cfg.precision, mode=cfg.mode)  # fmt: skip
+    plan = _make_plan(cfg, net)
+    engine = _make_engine(cfg, net, plan)
     job = _Job(cfg, net, _load_vae(vae, dev, cfg.precision), engine)
     bar = _progress(cfg, cfg.num_samples, True)
     parts = list(job.batches(list(range(cfg.num_samples)), bar))
@@ -333,10 +414,12 @@ def sample(model: DiT | str = "DiT-XL/2", *, labels=None, num_samples: int | Non
 
 def _save_npz(path: str, **arrays) -> None:
     """np.savez to a temporary file in the same folder, then rename (atomic)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -364,22 +447,24 @@ def _check_manifest(cfg: SampleConfig) -> None:
                          "use another --out or the same settings")  # fmt: skip
 
 
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def _prepare_out(cfg: SampleConfig) -> None:
     """(first rank, before any rank writes) Create the folders, write the manifest, and remove the
-    temporary files a killed run left behind."""
+    temporary files a killed run left behind (its own names only: a user's files are kept)."""
     shards = os.path.join(cfg.out, "shards")
     os.makedirs(shards, exist_ok=True)
     path = os.path.join(cfg.out, MANIFEST)
     if not os.path.isfile(path):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(_manifest(cfg), f, indent=1)
-        os.replace(tmp, path)
-    for folder in (shards, os.path.join(cfg.out, "images"), cfg.out):
-        if os.path.isdir(folder):
-            for name in os.listdir(folder):
-                if ".tmp" in name:
-                    os.remove(os.path.join(folder, name))
+        atomic_write(path, lambda tmp: _write_json(tmp, _manifest(cfg)))
+    # what this module writes in each folder (older versions named their temporary files NAME.tmpPID)
+    own = {shards: r"shard_\d{8}_\d{8}\.npz", os.path.join(cfg.out, "images"): r"\d{6}\.png",
+           cfg.out: rf"{re.escape(OUTPUT)}|{re.escape(MANIFEST)}|grid\.png"}  # fmt: skip
+    for folder, names in own.items():
+        remove_orphans(folder, legacy=names)
 
 
 def _write_shard(cfg: SampleConfig, start: int, end: int, outputs: list, pixels: bool) -> None:
@@ -403,11 +488,12 @@ def merge_shards(cfg: SampleConfig, pixels: bool) -> str:
             labels.append(shard["arr_1"])
     path = os.path.join(cfg.out, OUTPUT)
     data = np.concatenate(arrays)
-    _save_npz(path, arr_0=data, arr_1=np.concatenate(labels))
     if pixels and cfg.png:
         first = torch.from_numpy(data[:64])
         nrow = math.ceil(math.sqrt(len(first)))
         save_png(os.path.join(cfg.out, "grid.png"), make_grid(first, nrow=nrow, pad=2, scale=max(1, 64 // first.shape[1])))
+    # samples.npz marks the run complete, so it is written last: a run killed before it merges again
+    _save_npz(path, arr_0=data, arr_1=np.concatenate(labels))
     return path
 
 
@@ -442,9 +528,9 @@ def _barrier(world: int) -> None:
 def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict:
     model = build_model(cfg, device)
     _check_labels(cfg, model)
-    if cfg.cfg_scale > 1:
+    if cfg.cfg_scale > 1 and not isinstance(model, DiffiTUNet):  # (EDMEngine checks its model itself)
         check_cfg_model(model, cfg.guide_all_channels)
-    plan = make_plan(cfg.sampler, cfg.steps, learned_sigma=model.learn_sigma, eta=cfg.eta, clip_denoised=cfg.clip_denoised)
+    plan = _make_plan(cfg, model)
     final = os.path.join(cfg.out, OUTPUT)
     _check_manifest(cfg)  # on every rank, so that all of them stop with the error
     if rank == 0:
@@ -465,8 +551,7 @@ def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict
             print(f"skipping {len(shards) - len(todo)} finished shard(s) of {len(shards)}")
     made, t0 = 0, time.perf_counter()
     if mine:
-        engine = SamplingEngine(model, plan, batch_size=cfg.batch_size, cfg_scale=cfg.cfg_scale,
-                                guide_all_channels=cfg.guide_all_channels, precision=cfg.precision, mode=cfg.mode)  # fmt: skip
+        engine = _make_engine(cfg, model, plan)
         job = _Job(cfg, model, vae, engine)
         bar = _progress(cfg, sum(e - s for s, e in mine), rank == 0)
         for start, end in mine:
@@ -478,8 +563,8 @@ def _run(cfg: SampleConfig, device: torch.device, rank: int, world: int) -> dict
     elapsed = time.perf_counter() - t0
     rate = made / elapsed if made else float("nan")
     if made:
-        tflops = rate * gflops(model) * plan.steps * (2 if cfg.cfg_scale > 1 else 1) * 2 / 1e3
-        print(f"rank {rank}: made {made} samples in {elapsed:.1f} s: {rate:.2f} images/s, {tflops:.2f} TFLOP/s (model)")
+        tflops = rate * gflops(model) * _evaluations(plan) * (2 if cfg.cfg_scale > 1 else 1) * 2 / 1e3
+        print(f"rank {rank}: made {made} samples in {elapsed:.1f} s: {fmt_sig(rate)} images/s, {fmt_sig(tflops)} TFLOP/s (model)")
     _barrier(world)
     complete = all(os.path.isfile(os.path.join(cfg.out, "shards", shard_name(*s))) for s in shards)
     path = None

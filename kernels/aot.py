@@ -5,7 +5,7 @@
     python -m ditfast.kernels.aot --all-configs   also the autotune configs that pruning drops
 
 What is compiled is what the launchers can launch. The real launchers (``attention_fwd`` /
-``attention_bwd``, ``adaln_fwd`` / ``adaln_bwd``) run on meta tensors that report ``is_cuda``,
+``attention_bwd``, ``tmsa_fwd`` / ``tmsa_bwd``, ``adaln_fwd`` / ``adaln_bwd``) run on meta tensors that report ``is_cuda``,
 and every kernel launch is intercepted (``JITFunction.run``, ``Autotuner.run``). A plain launch
 yields one configuration; an autotuned one yields every config its ``early_config_prune`` keeps
 for the target, called with ``arch=(major, minor)`` (``ditfast.kernels.attention.prune_configs``),
@@ -173,6 +173,33 @@ def _drive_adaln(B: int, N: int, D: int, dtype: torch.dtype) -> None:
         adaln.adaln_bwd(dr, dh, normed, yy, g, sc, mean, rstd, dtype)
 
 
+def _drive_tmsa(B: int, grid: tuple[int, int], window: tuple[int, int], D: int, head_dim: int, layout: str,
+                dtype: torch.dtype, qkv_t: bool = True, bias: bool = True) -> None:  # fmt: skip
+    """DiffiT's TMSA forward and backward (time projection, relative position bias, windows)."""
+    from ditfast.kernels import tmsa
+
+    H, N = D // head_dim, grid[0] * grid[1]
+    qkv = _t(B, N, 3 * D, dtype=dtype)
+    t = _t(B, 3 * D, dtype=dtype) if qkv_t else None
+    table = _t((2 * window[0] - 1) * (2 * window[1] - 1), H, dtype=torch.float32) if bias else None
+    out, lse = tmsa.tmsa_fwd(qkv, H, grid, window, head_dim**-0.5, t, table, layout)
+    tmsa.tmsa_bwd(_t(B, N, D, dtype=dtype), qkv, out.as_subclass(_CudaStandIn), lse, H, grid, window, head_dim**-0.5,
+                  t, table, layout)  # fmt: skip
+
+
+# TMSA (DiffiT): the latent model's global attention with bias and time projection at 256px
+# (16x16 tokens, 16 heads of 72) and, in --full, 512px (32x32); windowed attention at image-space
+# shapes (32x32 tokens in 8x8 windows; --full adds 16x16 in 4x4 windows, head dim 64 and the
+# launches without the time projection or the bias). (B, grid, window, D, Dh, qkv_t, bias).
+# The default (CI) set compiles the "pad" head layout in bf16 at the global shape only (--full: all).
+DEFAULT_TMSA = [(2, (16, 16), (16, 16), 1152, 72, True, True), (4, (32, 32), (8, 8), 1152, 72, True, True)]
+FULL_TMSA = DEFAULT_TMSA + [
+    (8, (32, 32), (32, 32), 1152, 72, True, True), (8, (16, 16), (4, 4), 1024, 64, True, True),
+    (2, (16, 16), (16, 16), 1152, 72, False, True), (2, (16, 16), (16, 16), 1152, 72, True, False),
+    (2, (16, 16), (8, 8), 768, 64, False, False),
+]  # fmt: skip
+
+
 def cases(full: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """(label, launcher call) pairs of the sweep."""
     adaln_widths = sorted({d for d, _ in FULL_WIDTHS}) if full else DEFAULT_ADALN_WIDTHS
@@ -191,6 +218,16 @@ def cases(full: bool) -> Iterator[tuple[str, Callable[[], None]]]:
                 if not tf32:  # adaLN has no matmul
                     for D in adaln_widths:
                         yield f"adaln B={B} N={N} D={D} {dname}", _with_tf32(tf32, _drive_adaln, B, N, D, dtype)
+        if dname == "fp16" and not full:  # fp16 compiles as bf16 bar the conversions
+            continue
+        for B, grid, window, D, dh, has_t, has_bias in FULL_TMSA if full else DEFAULT_TMSA:
+            layouts = list({attention.head_blocks(dh, lay): lay for lay in attention.HEAD_LAYOUTS}.values())
+            if not full and (window != grid or dname != "bf16"):  # CI: the other layout in bf16, global only
+                layouts = layouts[:1]
+            for lay in layouts:
+                extras = "".join(f" no-{n}" for n, on in (("qkv_t", has_t), ("bias", has_bias)) if not on)
+                call = _with_tf32(tf32, _drive_tmsa, B, grid, window, D, dh, lay, dtype, has_t, has_bias)
+                yield f"tmsa B={B} grid={grid[0]}x{grid[1]} window={window[0]}x{window[1]} D={D} Dh={dh} {lay}{extras} {dname}", call
 
 
 def _with_tf32(tf32: bool, fn, *args) -> Callable[[], None]:

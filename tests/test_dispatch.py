@@ -60,9 +60,9 @@ def test_forced_and_impossible_requests_list_every_backends_reasons(monkeypatch)
 
 
 def test_every_fast_op_is_registered_with_the_expected_auto_choice():
-    assert set(REGISTRY) == {"adaln", "attention", "cross-attention", "patch", "timestep"}
+    assert set(REGISTRY) == {"adaln", "attention", "cross-attention", "tmsa", "patch", "timestep"}
     expected_cuda_first = {"adaln": "triton", "patch": "compiled", "timestep": "compiled", "attention": "flash-attn",
-                           "cross-attention": "flash-attn"}
+                           "cross-attention": "flash-attn", "tmsa": "triton"}
     for op, first in expected_cuda_first.items():
         assert REGISTRY[op].device_priority("cuda")[0] == first
     # on a CPU "auto" is the official math everywhere: written out, not recomputed

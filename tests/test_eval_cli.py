@@ -126,7 +126,7 @@ def test_eval_inception_score_with_given_weights(tmp_path, capsys, fake_inceptio
     assert "FID: " in out and "Precision: 1" in out and "Recall: 1" in out  # a batch against itself
     np.save(tmp_path / "bad.npy", np.ones((3, 4)))
     rc, _, err = _eval(capsys, tmp_path / "s.npz", tmp_path / "s.npz", "--is-weights", tmp_path / "bad.npy")
-    assert rc == 1 and "(2048, K)" in err
+    assert rc == 2 and "(2048, K)" in err
 
 
 def test_eval_errors_are_reported(tmp_path, capsys, fake_inception):
@@ -145,7 +145,7 @@ def test_eval_errors_are_reported(tmp_path, capsys, fake_inception):
     ]
     for args, match in cases:
         rc, out, err = _eval(capsys, *args)
-        assert rc == 1 and match in err and out == "", (args, err)
+        assert rc == 2 and match in err and out == "", (args, err)
     assert not (tmp_path / "o.npz").exists()
 
 

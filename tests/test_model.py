@@ -144,7 +144,7 @@ def test_registry_is_complete_and_constructor_defaults():
     sig = inspect.signature(DiT).parameters
     params = {k: v.default for k, v in sig.items() if v.kind is not inspect.Parameter.KEYWORD_ONLY}
     # ditfast's additions are keyword-only, so every official call still means the same
-    assert [k for k, v in sig.items() if v.kind is inspect.Parameter.KEYWORD_ONLY] == ["backend", "attn_backend", "block"]
+    assert [k for k, v in sig.items() if v.kind is inspect.Parameter.KEYWORD_ONLY] == ["backend", "attn_backend", "block", "timestep_freq_shift", "mlp_norm_eps"]
     assert params == dict(
         input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
         mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,

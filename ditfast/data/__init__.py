@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from ..files import atomic_write, remove_orphans
 from .digits import load_digits, pixels_to_uint8
 
 __all__ = ["Samples", "digits_samples", "image_folder_samples", "latent_shard_samples", "write_latent_shards", "pixels_to_uint8"]
@@ -120,28 +122,54 @@ def image_folder_samples(root: str, image_size: int) -> Samples:
     return Samples(os.path.basename(os.path.normpath(root)), len(files), (3, image_size, image_size), len(classes), True, get, classes=classes)
 
 
-def write_latent_shards(out_dir: str, batches, meta: dict) -> int:
+_SHARD_NAME = r"shard_\d{5}\.safetensors"  # what write_latent_shards writes, besides meta.json
+
+
+def check_shard_folder(out_dir: str, overwrite: bool = False) -> None:
+    """Refuse an output folder for :func:`write_latent_shards` that is a file, or that holds
+    anything unless ``overwrite`` (checked before any encoding work)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"output folder {out_dir!r} is an existing file; expected a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"output folder {out_dir!r} is not empty; pass --overwrite (overwrite=True) to replace "
+                              "the latent shards there, or choose an empty folder")  # fmt: skip
+
+
+def write_latent_shards(out_dir: str, batches, meta: dict, overwrite: bool = False) -> int:
     """Write (latents, latents_flipped or None, labels) batches as safetensors shards + meta.json.
 
     Each shard and the metadata are written to a temporary name and renamed, so an interrupted
-    extraction never leaves a truncated shard. Returns the number of samples written.
+    extraction never leaves a truncated shard. ``meta.json`` is written last and names the
+    shards: a folder without it is not a dataset. A non-empty ``out_dir`` is refused unless
+    ``overwrite``; then its old ``meta.json`` is removed first and, once the new shards are
+    written, the old shards past the new last one (other files are left alone). Returns the number
+    of samples written.
     """
     from safetensors.torch import save_file
 
+    check_shard_folder(out_dir, overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    count = 0
+    remove_orphans(out_dir, legacy=rf"{_SHARD_NAME}|{re.escape(SHARD_META)}")
+    if os.path.isfile(os.path.join(out_dir, SHARD_META)):
+        os.remove(os.path.join(out_dir, SHARD_META))
+    count, names = 0, []
     for k, (lat, lat_flip, lab) in enumerate(batches):
         tensors = {"latents": lat.contiguous(), "labels": lab.to(torch.int64).contiguous()}
         if lat_flip is not None:
             tensors["latents_flipped"] = lat_flip.contiguous()
-        path = os.path.join(out_dir, f"shard_{k:05d}.safetensors")
-        save_file(tensors, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        names.append(f"shard_{k:05d}.safetensors")
+        atomic_write(os.path.join(out_dir, names[-1]), lambda tmp: save_file(tensors, tmp))
         count += len(lab)
-    meta = {**meta, "num_samples": count}
-    with open(os.path.join(out_dir, SHARD_META + ".tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, SHARD_META + ".tmp"), os.path.join(out_dir, SHARD_META))
+    for name in os.listdir(out_dir):
+        if re.fullmatch(_SHARD_NAME, name) and name not in names:
+            os.remove(os.path.join(out_dir, name))  # a stale shard of an earlier extraction
+    meta = {**meta, "num_samples": count, "shards": names}
+
+    def write_meta(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=1)
+
+    atomic_write(os.path.join(out_dir, SHARD_META), write_meta)
     return count
 
 
@@ -154,7 +182,11 @@ def latent_shard_samples(root: str) -> Samples:
         raise ValueError(f"{root} is not a latent shard folder (no {SHARD_META}; write one with `ditfast extract-latents`)")
     with open(meta_path) as f:
         meta = json.load(f)
-    shards = sorted(n for n in os.listdir(root) if n.startswith("shard_") and n.endswith(".safetensors"))
+    # meta.json names its shards (older extractions: every shard file in the folder)
+    shards = meta.get("shards") or sorted(n for n in os.listdir(root) if n.startswith("shard_") and n.endswith(".safetensors"))
+    missing = [n for n in shards if not os.path.isfile(os.path.join(root, n))]
+    if missing:
+        raise ValueError(f"{root}: meta.json names shards that are missing: {', '.join(missing[:5])}")
     if not shards:
         raise ValueError(f"{root} has {SHARD_META} but no shard_*.safetensors files")
     parts = [load_file(os.path.join(root, n)) for n in shards]

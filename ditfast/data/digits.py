@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_write
+
 __all__ = ["DIGITS_PATH", "load_digits", "digits_to_pixels", "pixels_to_uint8", "export_from_sklearn"]
 
 DIGITS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
@@ -50,6 +52,8 @@ def export_from_sklearn(path: str = DIGITS_PATH) -> None:
     from sklearn.datasets import load_digits as sk_load_digits
 
     d = sk_load_digits()
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, images=d.images.astype(np.uint8), labels=d.target.astype(np.uint8))
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez_compressed would append .npz to a name
+            np.savez_compressed(f, images=d.images.astype(np.uint8), labels=d.target.astype(np.uint8))
+
+    atomic_write(path, write)

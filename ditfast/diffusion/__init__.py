@@ -8,7 +8,10 @@ from .gaussian_diffusion import (
     ModelVarType,
     get_named_beta_schedule,
 )
-from .respace import SpacedDiffusion, space_timesteps
+from ..errors import check_bool, check_choice, check_int
+from .respace import SpacedDiffusion, _parse_counts, space_timesteps
+
+SCHEDULES = ("linear", "squaredcos_cap_v2")  # the names get_named_beta_schedule knows
 
 __all__ = [
     "create_diffusion",
@@ -42,7 +45,18 @@ def create_diffusion(
     :param predict_xstart: the model predicts x_0 instead of eps.
     :param learn_sigma: the model outputs 2C channels, the second half a LEARNED_RANGE value.
     :param rescale_learned_sigmas: ``LossType.RESCALED_MSE`` (when not ``use_kl``).
+    :param diffusion_steps: T >= 1, the length of the base process.
+
+    Every argument is checked before anything is built (a TypeError or ValueError naming it); an
+    int ``timestep_respacing`` (250) is taken as the string count ("250").
     """
+    diffusion_steps = check_int("diffusion_steps", diffusion_steps, min=1)
+    check_choice("noise_schedule", noise_schedule, SCHEDULES)
+    for name, flag in (("use_kl", use_kl), ("sigma_small", sigma_small), ("predict_xstart", predict_xstart),
+                       ("learn_sigma", learn_sigma), ("rescale_learned_sigmas", rescale_learned_sigmas)):
+        check_bool(name, flag)
+    if timestep_respacing is not None and timestep_respacing != "":
+        _parse_counts(timestep_respacing)  # the spec's form; space_timesteps checks it against T
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = LossType.RESCALED_KL

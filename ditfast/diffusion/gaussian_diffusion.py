@@ -16,7 +16,10 @@ import math
 import numpy as np
 import torch
 
+from ..errors import check_float
+
 __all__ = [
+    "check_eta",
     "ModelMeanType",
     "ModelVarType",
     "LossType",
@@ -197,6 +200,29 @@ def as_betas(betas):
     if not ((betas > 0).all() and (betas <= 1).all()):
         raise ValueError("every beta must lie in (0, 1]")
     return betas
+
+
+def check_eta(eta) -> float:
+    """``eta`` as a float in [0, 1], else a TypeError/ValueError naming it.
+
+    DDIM's noise scale (Song et al., eq. 16) is ``sigma = eta * sqrt((1 - a_prev) / (1 - a)) *
+    sqrt(1 - a / a_prev)``, and the step keeps ``sqrt(1 - a_prev - sigma**2)`` of the predicted eps.
+    For a decreasing alpha_bar that root is real exactly when eta <= 1 (at eta = 1, sigma**2 is
+    (1 - a_prev) (a_prev - a) / ((1 - a) a_prev) <= 1 - a_prev); past 1 it is the root of a
+    negative number: NaN samples. eta = 0 is deterministic DDIM, eta = 1 the DDPM posterior noise.
+    """
+    try:
+        return check_float("eta", eta, 0.0, 1.0)
+    except ValueError as e:
+        raise ValueError(f"{e}: DDIM's update takes sqrt(1 - alpha_bar_prev - sigma**2), which is real only "
+                         "for eta <= 1 (larger eta gives NaN samples)") from None
+
+
+def ddim_eps_coef(alpha_bar_prev, sigma):
+    """``sqrt(1 - alpha_bar_prev - sigma**2)``, the weight of eps in a DDIM step. Its argument is
+    >= 0 for eta <= 1 (see :func:`check_eta`) but can round to a tiny negative number at eta = 1
+    (e.g. 2 steps in float32); it is clamped at 0, the exact value there, instead of giving NaN."""
+    return torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0))
 
 
 def _check_range(t, size):
@@ -548,8 +574,10 @@ class GaussianDiffusion:
         """One DDIM step x_t -> x_{t-1} (eq. 12 of Song et al.), ``eta`` scaling the noise.
 
         Calls the model (then ``cond_fn`` via :meth:`condition_score`), then draws exactly one
-        ``randn_like(x)``. Returns dict "sample" and "pred_xstart", shape of ``x``.
+        ``randn_like(x)``. Returns dict "sample" and "pred_xstart", shape of ``x``. ``eta`` must lie
+        in [0, 1] (:func:`check_eta`).
         """
+        eta = check_eta(eta)
         out, eps = self._ddim_prediction(model, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs)
         alpha_bar = self._extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = self._extract(self.alphas_cumprod_prev, t, x.shape)
@@ -561,7 +589,7 @@ class GaussianDiffusion:
         noise = torch.randn_like(x)
         mean_pred = (
             out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
-            + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+            + ddim_eps_coef(alpha_bar_prev, sigma) * eps
         )
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
         sample = mean_pred + nonzero_mask * sigma * noise
@@ -595,8 +623,10 @@ class GaussianDiffusion:
     def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True,
                                      denoised_fn=None, cond_fn=None, model_kwargs=None,
                                      device=None, progress=False, eta=0.0):
-        """Like :meth:`ddim_sample_loop` but yields each step's :meth:`ddim_sample` dict."""
-        yield from self._reverse_loop(
+        """Like :meth:`ddim_sample_loop` but yields each step's :meth:`ddim_sample` dict (``eta`` is
+        checked now, not at the first step)."""
+        check_eta(eta)
+        return self._reverse_loop(
             self.ddim_sample, model, shape, noise, device, progress,
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
             model_kwargs=model_kwargs, eta=eta,

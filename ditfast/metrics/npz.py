@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
 
+from ..files import atomic_write
 from .inception import POOL_DIM, SPATIAL_DIM
 from .scores import Statistics
 
@@ -148,18 +148,14 @@ def write_json(path: str, obj) -> str:
 
 
 def _atomic_write(path: str, write: Callable) -> str:
-    """``write(binary file)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``write(binary file)`` into a temporary file beside ``path``, then rename it over ``path``
+    (:func:`ditfast.files.atomic_write`; the folder must exist)."""
+
+    def to_file(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, to_file)
 
 
 def to_uint8_images(samples) -> np.ndarray:

@@ -33,6 +33,7 @@ from .patch import (
     unpatchify_ref,
 )
 from .attention import packed_attention, packed_attention_ref
+from .tmsa import TMSA, relative_position_index, tmsa_attention, tmsa_attention_ref
 from .timestep import TIMESTEP, timestep_embedding, timestep_embedding_ref
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "patchify", "patchify_ref",
     "unpatchify_cfg", "unpatchify_cfg_ref",
     "packed_attention", "packed_attention_ref",
+    "TMSA", "tmsa_attention", "tmsa_attention_ref", "relative_position_index",
 ]  # fmt: skip

@@ -11,6 +11,8 @@ x, y: (B, N, D); gate, shift, scale: (B, D), applied to every token of their sam
 non-contiguous views, e.g. chunks of the modulation GEMM output, or stride-0 broadcasts).
 ``gate=None`` means no gate (r = x + y: the adaLN and standard ViT blocks of the DiT paper's other
 designs); the kernels then skip it (a constexpr), with no vector of ones read or reduced.
+``shift=scale=None`` means an unmodulated LayerNorm, h = LN(x) (DiffiT's blocks); the kernels then
+read zero (B, D) stride-0 broadcasts, and LN(x) * (1 + 0) + 0 is LN(x) exactly.
 LayerNorm has no affine parameters; a standard LayerNorm's weight and bias enter as a modulation
 (:func:`affine_modulation`). Each op has a plain-PyTorch reference ``<op>_ref`` (the official DiT
 math, in the inputs' dtypes).
@@ -37,6 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import check_float
 from .dispatch import Backend, Dispatcher, EagerBackend, dtype_name, register
 
 __all__ = [
@@ -86,7 +89,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def adaln_layernorm_ref(x, shift, scale, eps: float = 1e-6):
-    h = modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+    h = F.layer_norm(x, (x.shape[-1],), eps=eps)
+    h = h if shift is None and scale is None else modulate(h, shift, scale)
     return h.to(_norm_dtype(x, shift, scale))  # a no-op outside autocast
 
 
@@ -347,25 +351,49 @@ def _check(x: torch.Tensor, y=None, **vectors) -> None:
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a floating-point (B, N, D) tensor, got {got}")
     B, N, D = x.shape
-    if y is not None and (y.shape != x.shape or not y.is_floating_point() or y.device != x.device):
-        raise ValueError(f"y must be a floating-point tensor of x's shape {tuple(x.shape)} on {x.device}, got {tuple(y.shape)} {y.dtype} on {y.device}")
+    if y is not None and (not isinstance(y, torch.Tensor) or y.shape != x.shape or not y.is_floating_point() or y.device != x.device):
+        got = f"{tuple(y.shape)} {y.dtype} on {y.device}" if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"y must be a floating-point tensor of x's shape {tuple(x.shape)} on {x.device}, got {got}")
     for name, v in vectors.items():
-        if v is None:  # only a gate may be absent
+        if v is None:  # a gate, or shift and scale together (see _unmodulated)
             continue
-        if v.shape != (B, D) or not v.is_floating_point() or v.device != x.device:
-            raise ValueError(f"{name} must be a floating-point (B, D) = ({B}, {D}) tensor on {x.device}, got {tuple(v.shape)} {v.dtype} on {v.device}")
+        if not isinstance(v, torch.Tensor) or v.shape != (B, D) or not v.is_floating_point() or v.device != x.device:
+            got = f"{tuple(v.shape)} {v.dtype} on {v.device}" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{name} must be a floating-point (B, D) = ({B}, {D}) tensor on {x.device}, got {got}")
 
 
-def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """``LN(x) * (1 + scale) + shift`` (LayerNorm without affine, fp32 statistics) -> (B, N, D)."""
+def _check_eps(eps) -> float:
+    """LayerNorm's eps: a finite number > 0 (eps <= 0 divides by zero or takes the root of a
+    negative variance for a constant row: NaN)."""
+    return check_float("eps", eps, lo=0.0, lo_inclusive=False)
+
+
+def _unmodulated(x: torch.Tensor, shift, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) as given, or zero (B, D) stride-0 broadcasts when both are None (h = LN(x))."""
+    if shift is None and scale is None:
+        zero = x.new_zeros(1, x.shape[-1]).expand(x.shape[0], -1)
+        return zero, zero
+    if shift is None or scale is None:
+        raise ValueError("shift and scale must both be (B, D) tensors or both None (an unmodulated LayerNorm), "
+                         f"got shift={'None' if shift is None else 'a tensor'}, scale={'None' if scale is None else 'a tensor'}")  # fmt: skip
+    return shift, scale
+
+
+def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """``LN(x) * (1 + scale) + shift`` (LayerNorm without affine, fp32 statistics) -> (B, N, D);
+    ``LN(x)`` when shift and scale are both None."""
     _check(x, shift=shift, scale=scale)
+    eps = _check_eps(eps)
+    shift, scale = _unmodulated(x, shift, scale)
     return torch.ops.ditfast.adaln_fwd(x, None, None, shift, scale, eps, _norm_dtype(x, shift, scale))[1]
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """``r = x + gate * y`` (``x + y`` when ``gate`` is None) and ``h = LN(r) * (1 + scale) + shift``
-    in one pass -> (r, h)."""
+    in one pass -> (r, h); ``h = LN(r)`` when shift and scale are both None."""
     _check(x, y, gate=gate, shift=shift, scale=scale)
+    eps = _check_eps(eps)
+    shift, scale = _unmodulated(x, shift, scale)
     r, h, _, _ = torch.ops.ditfast.adaln_fwd(x, y, gate, shift, scale, eps, _norm_dtype(x, y, gate, shift, scale))
     return r, h
 

@@ -1,6 +1,6 @@
 """One dispatch layer for every fast op: which backend runs, and why not the others.
 
-Each op (``adaln``, ``attention``, ``patch``, ``timestep``) has a :class:`Dispatcher` holding its
+Each op (``adaln``, ``attention``, ``tmsa``, ``patch``, ``timestep``) has a :class:`Dispatcher` holding its
 backends, a priority list per device type and an environment variable. A backend is a small class
 that declares what it supports -- device types, dtypes, minimum CUDA compute capability -- and
 says in words why it cannot run a given problem (:meth:`Backend.not_supported_reasons`). The

@@ -17,14 +17,16 @@ TIMESTEP = register(Dispatcher("timestep", [EagerBackend(), CompiledBackend()], 
                                "DITFAST_TIMESTEP_BACKEND", ["eager"]))  # fmt: skip
 
 
-def timestep_embedding_ref(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_embedding_ref(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
     """(B,) timesteps (may be fractional) -> (B, dim) float32 ``[cos(t*f), sin(t*f)]``.
 
-    ``f_i = max_period ** (-i / (dim // 2))`` for i < dim // 2, computed in float32 exactly as
-    DiT's TimestepEmbedder does; an odd ``dim`` gets a trailing zero column.
+    ``f_i = max_period ** (-i / (dim // 2 - freq_shift))`` for i < dim // 2, computed in float32
+    exactly as DiT's TimestepEmbedder does (``freq_shift`` 0); an odd ``dim`` gets a trailing zero
+    column. ``freq_shift`` 1 is diffusers' DiT (``Timesteps(flip_sin_to_cos=True,
+    downscale_freq_shift=1)``), bit for bit.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / (half - freq_shift))
     args = t[:, None].float() * freqs.to(device=t.device)[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:

@@ -163,6 +163,12 @@ def test_enumeration_drives_the_real_launchers(tmp_path):
     jobs = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels_seen = {j["kernel"] for j in jobs}
     assert {"_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_preprocess_kernel", "_adaln_fwd_kernel", "_adaln_bwd_kernel"} <= kernels_seen
+    # DiffiT's TMSA kernels, with the time projection and the bias, global and windowed
+    assert {"_tmsa_fwd_kernel", "_tmsa_bwd_kernel", "_tmsa_dbias_kernel", "_tmsa_bias_reduce_kernel"} <= kernels_seen
+    tmsa = [j for j in jobs if j["kernel"] in ("_tmsa_fwd_kernel", "_tmsa_bwd_kernel")]
+    assert {(j["cx"]["HAS_QKV_T"], j["cx"]["HAS_BIAS"], j["cx"]["WINDOWED"]) for j in tmsa} == {(True, True, False), (True, True, True)}
+    assert all(any(j["choosable"] for j in tmsa if j["arch"] == arch and j["kernel"] == k)
+               for arch in (80, 90) for k in ("_tmsa_fwd_kernel", "_tmsa_bwd_kernel"))  # fmt: skip
     attn = [j for j in jobs if j["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_kernel")]
     # fp32 is compiled with and without TF32 (the launcher follows torch's switch); 16-bit only "ieee"
     assert {j["cx"]["PRECISION"] for j in attn if j["dtype"] == "fp32"} == {"ieee", "tf32"}
