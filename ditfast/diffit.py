@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from . import ops
 from .errors import check_bool, check_float, check_int
 from .models import (
-    BACKENDS, DiT, LabelEmbedder, Mlp, PatchEmbed, SIZES, TimestepEmbedder, adaln_fused, get_2d_sincos_pos_embed,
-    patch_ops_enabled,
+    BACKENDS, DiT, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, adaln_fused, get_2d_sincos_pos_embed,
+    patch_ops_enabled, registry_builder, SIZES,
 )  # fmt: skip
 from .ops.tmsa import TMSA as TMSA_DISPATCHER, relative_position_index, tmsa_attention
 
@@ -380,28 +380,12 @@ class DiffiT(nn.Module):
 
 
 def _make(size: str, patch: int) -> Callable[..., DiffiT]:
-    depth, hidden, heads = SIZES[size]
-
-    def build(**kwargs) -> DiffiT:
-        return DiffiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
-
-    build.__name__ = build.__qualname__ = f"DiffiT_{size}_{patch}"
-    build.__doc__ = f"DiffiT-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
-    return build
+    return registry_builder(DiffiT, "DiffiT", size, patch)
 
 
-DiffiT_XL_2, DiffiT_XL_4, DiffiT_XL_8 = _make("XL", 2), _make("XL", 4), _make("XL", 8)
-DiffiT_L_2, DiffiT_L_4, DiffiT_L_8 = _make("L", 2), _make("L", 4), _make("L", 8)
-DiffiT_B_2, DiffiT_B_4, DiffiT_B_8 = _make("B", 2), _make("B", 4), _make("B", 8)
-DiffiT_S_2, DiffiT_S_4, DiffiT_S_8 = _make("S", 2), _make("S", 4), _make("S", 8)
-
-DiffiT_models = {
-    "DiffiT-XL/2": DiffiT_XL_2, "DiffiT-XL/4": DiffiT_XL_4, "DiffiT-XL/8": DiffiT_XL_8,
-    "DiffiT-L/2": DiffiT_L_2, "DiffiT-L/4": DiffiT_L_4, "DiffiT-L/8": DiffiT_L_8,
-    "DiffiT-B/2": DiffiT_B_2, "DiffiT-B/4": DiffiT_B_4, "DiffiT-B/8": DiffiT_B_8,
-    "DiffiT-S/2": DiffiT_S_2, "DiffiT-S/4": DiffiT_S_4, "DiffiT-S/8": DiffiT_S_8,
-}  # fmt: skip
-
+# "DiffiT-XL/2" ... "DiffiT-S/8", as DiT's registry; the functions DiffiT_XL_2 ... DiffiT_S_8 as module names
+DiffiT_models = {f"DiffiT-{size}/{patch}": _make(size, patch) for size in SIZES for patch in (2, 4, 8)}
+globals().update({f.__name__: f for f in DiffiT_models.values()})
 __all__ += [f.__name__ for f in DiffiT_models.values()]
 
 

@@ -734,16 +734,21 @@ def _sincos_1d(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 
 
-def _make(size: str, patch: int) -> Callable[..., DiT]:
+def registry_builder(cls: type, name: str, size: str, patch: int) -> Callable[..., nn.Module]:
+    """``{name}_{size}_{patch}(**kwargs)``: ``cls`` at one of :data:`SIZES` and a patch size (the
+    registries of DiT and DiffiT are built with it)."""
     depth, hidden, heads = SIZES[size]
 
-    def build(**kwargs) -> DiT:
-        return DiT(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
+    def build(**kwargs) -> nn.Module:
+        return cls(depth=depth, hidden_size=hidden, patch_size=patch, num_heads=heads, **kwargs)
 
-    build.__name__ = f"DiT_{size}_{patch}"
-    build.__qualname__ = build.__name__
-    build.__doc__ = f"DiT-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
+    build.__name__ = build.__qualname__ = f"{name}_{size}_{patch}"
+    build.__doc__ = f"{name}-{size}/{patch}: depth {depth}, hidden {hidden}, {heads} heads, patch {patch}."
     return build
+
+
+def _make(size: str, patch: int) -> Callable[..., DiT]:
+    return registry_builder(DiT, "DiT", size, patch)
 
 
 DiT_XL_2, DiT_XL_4, DiT_XL_8 = _make("XL", 2), _make("XL", 4), _make("XL", 8)
