@@ -366,10 +366,12 @@ class DiffiT(nn.Module):
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         if schedule == "power-cosine":
             scale = power_cosine_scale(cfg_scale, t[: len(half)], diffusion_steps, scale_pow)  # (B/2,)
-            scale = scale.to(eps.dtype).view(-1, 1, 1, 1)
+            # the per-sample scale stays in (at least) fp32, as in the release, and the combine runs
+            # there; one rounding back to the model's dtype
+            scale = scale.to(torch.promote_types(eps.dtype, torch.float32)).view(-1, 1, 1, 1)
+            half_eps = (uncond_eps + scale * (cond_eps - uncond_eps)).to(eps.dtype)
         else:
-            scale = cfg_scale
-        half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
+            half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         out = torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
         return out if full_batch else out[: len(half)]
 

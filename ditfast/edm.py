@@ -91,7 +91,8 @@ class EDMPrecond(nn.Module):
         sigma = sigma.to(x.dtype).reshape(-1)
         c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in precond_coefs(sigma, self.sigma_data))
         dtype = next(self.net.parameters()).dtype
-        F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(dtype), y, force_drop_ids)
+        # c_noise at least in fp32 (a bf16 network would otherwise be conditioned on a rounded sigma)
+        F_x = self.net((c_in * x).to(dtype), c_noise.flatten().to(torch.promote_types(dtype, torch.float32)), y, force_drop_ids)
         return c_skip * x + c_out * F_x.to(x.dtype)
 
 

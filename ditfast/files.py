@@ -46,9 +46,24 @@ def atomic_write(path: str, write: Callable[[str], None]) -> str:
     return path
 
 
+def _writer_alive(name: str) -> bool:
+    """Whether the process that names ``<path>.<pid>.ditfast-tmp`` is still running (and is not
+    this one): its file is being written, not orphaned. A name without a pid counts as orphaned."""
+    pid = name[: -len(TMP_SUFFIX)].rpartition(".")[2]
+    if not pid.isdigit() or int(pid) == os.getpid() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot tell: leave it
+    return True
+
+
 def remove_orphans(folder: str, legacy: str | None = None) -> list[str]:
     """Delete the temporary files that killed ditfast processes left in ``folder`` (not
-    recursive): names ending in ``.ditfast-tmp`` and, when ``legacy`` (a regular expression of
+    recursive): names ending in ``.ditfast-tmp`` whose writer (the pid in the name) is gone and, when ``legacy`` (a regular expression of
     the names ditfast writes there, e.g. ``r"\\d{7}\\.pt"``) is given, ``<such a name>.tmp<digits>``
     of older versions. Returns the names removed. A missing folder has no orphans."""
     if not os.path.isdir(folder):
@@ -57,7 +72,8 @@ def remove_orphans(folder: str, legacy: str | None = None) -> list[str]:
     removed = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if (name.endswith(TMP_SUFFIX) or (old is not None and old.fullmatch(name))) and os.path.isfile(path):
+        ours = name.endswith(TMP_SUFFIX) and not _writer_alive(name)
+        if (ours or (old is not None and old.fullmatch(name))) and os.path.isfile(path):
             os.remove(path)
             removed.append(name)
     return removed

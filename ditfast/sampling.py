@@ -441,7 +441,11 @@ def _check_manifest(cfg: SampleConfig) -> None:
         return
     with open(path) as f:
         theirs = json.load(f)
-    conflicts = [f"{k}: {theirs.get(k)!r} there vs {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k]]
+    # a key a manifest lacks was added after it was written: it was made with that field's default
+    defaults = {f.name: f.default for f in dataclasses.fields(SampleConfig) if f.default is not dataclasses.MISSING}
+    defaults = {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
+    conflicts = [f"{k}: {theirs.get(k, defaults.get(k))!r} there vs {mine[k]!r} now" for k in mine
+                 if theirs.get(k, defaults.get(k)) != mine[k]]  # fmt: skip
     if conflicts:
         raise ValueError(f"{cfg.out} holds samples made with other settings ({'; '.join(conflicts)}); "
                          "use another --out or the same settings")  # fmt: skip

@@ -168,7 +168,8 @@ def test_official_model_round_trip_and_export_difference(tmp_path):
     official model's by the timestep frequency shift (the figure in save_diffusers' docstring and the README)."""
     net = load_model(ASSET)  # a trained official-math DiT (digits, patch 4, learned sigma)
     assert net.timestep_freq_shift == 0.0
-    ditfast.save_diffusers(net, tmp_path)
+    with pytest.warns(ditfast.interop.diffusers.InexactExportWarning, match="cannot express"):
+        ditfast.save_diffusers(net, tmp_path)
     exported = DiTTransformer2DModel.from_pretrained(tmp_path).eval()
     back = load_model(tmp_path)
     assert all(torch.equal(back.state_dict()[k], v) for k, v in net.state_dict().items())

@@ -45,8 +45,11 @@ def touch(path, text="mine") -> str:
 
 
 def test_orphan_cleanup_touches_only_ditfasts_own_temporary_names(tmp_path):
-    keep = ["notes.tmp.txt", "0000001.pt", "model.pt.tmp1", "0000001.pt.tmpx", "x.ditfast-tmp.txt", "data.tmp"]
-    orphans = [f"0000002.pt.{12345}{TMP_SUFFIX}", "0000003.pt.tmp999", "whatever.ditfast-tmp"]
+    # a temp file of a live writer (the parent process) is being written, not orphaned; pid 2**22 + 1
+    # is above Linux's largest pid, so its writer is certainly gone
+    live = f"0000004.pt.{os.getppid()}{TMP_SUFFIX}"
+    keep = ["notes.tmp.txt", "0000001.pt", "model.pt.tmp1", "0000001.pt.tmpx", "x.ditfast-tmp.txt", "data.tmp", live]
+    orphans = [f"0000002.pt.{2**22 + 1}{TMP_SUFFIX}", "0000003.pt.tmp999", "whatever.ditfast-tmp"]
     for name in keep + orphans:
         touch(tmp_path / name)
     removed = remove_orphans(str(tmp_path), legacy=r"\d{7}\.pt")

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -56,6 +57,7 @@ __all__ = [
     "load_diffusers",
     "to_diffusers",
     "save_diffusers",
+    "InexactExportWarning",
 ]
 
 CONFIG_NAME = "config.json"
@@ -90,6 +92,10 @@ _FIXED: dict[str, tuple[Any, str]] = {
 }
 # fields without effect on a DiT's outputs in fp32 (upcast_attention: attention runs in the input dtype)
 _IGNORED = ("norm_num_groups", "upcast_attention", "use_linear_projection", "interpolation_scale")
+
+
+class InexactExportWarning(UserWarning):
+    """save_diffusers wrote a model whose numerics diffusers cannot reproduce (official timestep features)."""
 
 
 def _folder_error(folder, problem: str) -> CheckpointError:
@@ -380,6 +386,13 @@ def save_diffusers(model: DiT, folder: str | os.PathLike, *, overwrite: bool = F
     if os.path.exists(os.path.join(folder, WEIGHTS_INDEX_NAME)):  # diffusers reads sharded weights first
         raise FileExistsError(f"output folder {folder!r} holds {WEIGHTS_INDEX_NAME}, which diffusers would load instead of the new weights; remove it first")
     config, tensors = to_diffusers(model)
+    if getattr(model.t_embedder, "freq_shift", 0) != 1:
+        warnings.warn(
+            "save_diffusers: this model uses the official timestep features (timestep_freq_shift=0), which "
+            "diffusers cannot express (its frequency shift of 1 is hard-coded): diffusers will compute a "
+            "different model from these weights (see the docstring for the measured difference)",
+            InexactExportWarning, stacklevel=2,
+        )  # fmt: skip
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
