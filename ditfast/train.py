@@ -84,6 +84,7 @@ class TrainConfig:
     out: str = "runs/dit"
     ckpt_every: int = 500  # also at the end; 0: only at the end (and every ckpt_minutes)
     ckpt_minutes: float = 10.0  # also when this many minutes passed since the last checkpoint; 0: off
+    keep_last: int = 3  # keep only the newest N checkpoints of this run (0: keep all)
     log_every: int = 50
     resume: str | None = None  # a checkpoint path, or "auto" for the newest in out/checkpoints
     export: str | None = None  # write the final EMA weights (+ config) to this .safetensors file
@@ -103,6 +104,7 @@ class TrainConfig:
         "class_dropout_prob": (0, 1, False, False), "steps": (1, None, False, True), "global_batch": (1, None, False, True),
         "lr": (0, None, True, True), "weight_decay": (0, None, False, True), "ema_decay": (0, 1, False, True),
         "ckpt_every": (0, None, False, True), "ckpt_minutes": (0, None, False, True), "log_every": (1, None, False, True),
+        "keep_last": (0, None, False, True),
     }  # fmt: skip
 
 
@@ -505,6 +507,9 @@ def train(cfg: TrainConfig) -> dict:
             }  # fmt: skip
             _atomic_save(ckpt, os.path.join(cfg.out, "checkpoints", f"{done:07d}.pt"))
             last_save = time.monotonic()
+            if cfg.keep_last:  # only this run's own names (CKPT_NAME), oldest first
+                for path in _checkpoints(cfg.out)[: -cfg.keep_last]:
+                    os.remove(path)
     if bar is not None:
         bar.close()
     if rank == 0 and cfg.export:
@@ -529,6 +534,7 @@ HELP = {
     "image_size": "pixels (latent shards: the size they were extracted at)",
     "ckpt_every": "save a checkpoint every N steps (and at the end; 0: only at the end and by --ckpt-minutes)",
     "ckpt_minutes": "also save when this many minutes passed since the last checkpoint (0: off)",
+    "keep_last": "keep only the newest N checkpoints, deleting older ones of this run after each save (0: keep all)",
     "resume": "a checkpoint path, or 'auto' for the newest in OUT/checkpoints",
     "overwrite": "start afresh in an --out that holds checkpoints (deletes them and log.jsonl); replace an existing --export",
     "allow_recipe_change": "resume with another lr, weight decay, EMA decay or flip than the checkpoint's",

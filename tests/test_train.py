@@ -158,3 +158,14 @@ def test_training_steps_read_nothing_back_from_the_device_for_labels(tmp_path, m
     monkeypatch.setattr(train_mod, "open_data", lambda cfg: _in_memory("bad", x, y, 10, flip_ok=False))
     with pytest.raises(ValueError, match=r"bad: sample 13 has label 10, expected one in \[0, 9\]"):
         train(cfg_for(tmp_path / "b", steps=2, global_batch=16))
+
+
+def test_keep_last_prunes_only_this_runs_older_checkpoints(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "notes.pt").write_text("mine")  # not a checkpoint name training writes: never deleted
+    train(cfg_for(tmp_path, steps=5, ckpt_every=1, ckpt_minutes=0, keep_last=2))
+    assert sorted(os.listdir(ckpts)) == ["0000004.pt", "0000005.pt", "notes.pt"]
+    assert _state(ckpts / "0000005.pt")["step"] == 5
+    train(cfg_for(tmp_path / "all", steps=3, ckpt_every=1, ckpt_minutes=0, keep_last=0))
+    assert sorted(os.listdir(tmp_path / "all" / "run" / "checkpoints")) == ["0000001.pt", "0000002.pt", "0000003.pt"]
