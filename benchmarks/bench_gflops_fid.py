@@ -51,6 +51,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import FID_FIELDS, RESULTS_DIR, append_rows, atomic_write, environment  # noqa: E402
+from report import pyplot, save_figure  # noqa: E402
 
 import ditfast  # noqa: E402
 from ditfast.data.classifier import DigitClassifier  # noqa: E402
@@ -330,6 +331,91 @@ def check_study_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
         p.error(f"--seeds must differ from each other (they measure the seed-to-seed spread), got {args.seeds}")
     if args.ref_limit < 0 or (args.ref_limit and args.out is None):
         p.error("--ref-limit must be >= 0, and a reduced reference needs its own --out (the results files hold full-reference FIDs)")
+
+
+# ------------------------------------------------------------------------------------------
+# Studies of variants at several training lengths (bench_block_design.py, bench_tmsa_vs_adaln.py):
+# one model size, one field of its Spec varied (``column``: the results column naming the variant)
+# ------------------------------------------------------------------------------------------
+
+
+def check_eval_steps(p: argparse.ArgumentParser, args: argparse.Namespace, variants: list[str], spread: str, what: str) -> None:
+    """Refuse (``p.error``) repeated variants, a spread variant not among them, and --eval-steps that
+    do not ascend from >= 1; ``what`` is the option pair's name ("designs", "archs")."""
+    if len(set(variants)) != len(variants) or spread not in variants:
+        p.error(f"--{what} must differ from each other and include --spread-{what[:-1]} {spread}, got {variants}")
+    if args.eval_steps[0] < 1 or any(a >= b for a, b in zip(args.eval_steps, args.eval_steps[1:])):
+        p.error(f"--eval-steps must be ascending and >= 1, got {args.eval_steps}")
+
+
+def length_evaluations(variants: list[str], spread: str, args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(variant, training steps, sampling seed) of every row: length by length, every variant on the
+    first seed, then the ``spread`` variant's other seeds at the longest length."""
+    todo = [(v, steps, args.seeds[0]) for steps in args.eval_steps for v in variants]
+    return todo + [(spread, args.eval_steps[-1], s) for s in args.seeds[1:]]
+
+
+def fid_by_length(rows: list[dict], column: str, seed: int) -> dict[tuple[str, int], float]:
+    """{(variant, training steps): FID} of the rows sampled with ``seed``."""
+    return {(r[column], int(r["train_steps"])): float(r["fid"]) for r in rows if int(r["seed"]) == seed}
+
+
+def run_length_study(args: argparse.Namespace, column: str, specs: dict[str, Spec], models: dict[str, str], spread: str,
+                     out: str, fields: list[str], row_key: tuple[str, ...], device: torch.device) -> list[dict]:  # fmt: skip
+    """Train each variant of ``specs`` to every --eval-steps length and score it (rows of ``out``
+    already measured are reused), or with --train-only just train. ``models`` is each variant's
+    "model" column. Rows are appended one by one: a crash keeps every finished row."""
+    if args.train_only:
+        for steps in args.eval_steps:
+            for variant in specs:
+                train_model(specs[variant], args, steps)
+        return []
+    rows, done, cost, ref = [], measured(out, row_key), {}, None
+    for variant, steps, seed in length_evaluations(list(specs), spread, args):
+        spec, env = specs[variant], row_environment(device)
+        row = {column: variant, "model": models[variant], "train_steps": str(steps), "num_samples": str(args.num_samples),
+               "sampler": sampler_name(args), "seed": str(seed), "device": env["device"]}  # fmt: skip
+        key = tuple(row[k] for k in row_key)
+        if key in done:
+            row = done[key]
+            print(f"  {spec.label} ({steps} steps) seed {seed}: measured before ({out}, {row['date']})")
+        else:
+            export = train_model(spec, args, steps)
+            if variant not in cost:
+                model = ditfast.load_model(export)
+                cost[variant] = dict(gflops=f"{ditfast.gflops(model):.5f}", params=str(sum(p.numel() for p in model.parameters() if p.requires_grad)))
+            images = sample_images(spec, export, "ditfast", seed, args, device, steps=steps)
+            if ref is None:  # only where a row is measured
+                ref, classifier = reference_statistics(args), digit_classifier()
+            row.update(cost[variant], **{k: f"{v:.4f}" for k, v in score(images, ref, args).items()},
+                       recognised=f"{recognised(classifier, images):.4f}", **env)  # fmt: skip
+            append_rows(out, [row], fields=fields)
+            print(f"  {spec.label} ({steps} steps) seed {seed}: FID {float(row['fid']):.2f}, recognised {float(row['recognised']):.1%} "
+                  f"(the classifier's held-out accuracy: {classifier.accuracy:.1%})")  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def plot_fid_by_length(rows: list[dict], column: str, labels: dict[str, str], title: str, args: argparse.Namespace, path: str) -> str:
+    """FID vs training steps, one line per variant (first seed, in the order of ``labels``: variant ->
+    legend text); other seeds as dots. Returns a line for the log."""
+    plt = pyplot()
+    if plt is None:
+        return "no plot: matplotlib is not installed (pip install ditfast[bench])"
+    fid = fid_by_length(rows, column, args.seeds[0])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for variant in [v for v in labels if any(k[0] == v for k in fid)]:
+        pts = sorted((s, f) for (v, s), f in fid.items() if v == variant)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=labels[variant])
+        others = [(int(r["train_steps"]), float(r["fid"])) for r in rows if r[column] == variant and int(r["seed"]) != args.seeds[0]]
+        if others:
+            ax.plot(*zip(*others), ls="none", marker=".", color=line.get_color(), label=f"{labels[variant]}, other seeds")
+    ax.set(xlabel="training steps", ylabel=f"FID-{args.num_samples}", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+    plt.close(fig)
+    return f"plot: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:

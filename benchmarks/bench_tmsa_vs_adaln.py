@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_gflops_fid as gf  # noqa: E402
-from _results import RESULTS_DIR, append_rows  # noqa: E402
-from report import markdown_table, pyplot, save_figure  # noqa: E402
+from _results import RESULTS_DIR  # noqa: E402
+from report import markdown_table  # noqa: E402
 
 import ditfast  # noqa: E402
 
@@ -56,15 +56,8 @@ FIELDS = [
 ROW_KEY = ("arch", "model", "train_steps", "seed", "sampler", "num_samples", "device")
 
 
-def evaluations(archs: list[str], args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    """(architecture, training steps, sampling seed) of every row: length by length, every model on
-    the first seed, then the spread model's other seeds at the longest length."""
-    todo = [(a, steps, args.seeds[0]) for steps in args.eval_steps for a in archs]
-    return todo + [(args.spread_arch, args.eval_steps[-1], s) for s in args.seeds[1:]]
-
-
 def fid_of(rows: list[dict], seed: int) -> dict[tuple[str, int], float]:
-    return {(r["arch"], int(r["train_steps"])): float(r["fid"]) for r in rows if int(r["seed"]) == seed}
+    return gf.fid_by_length(rows, "arch", seed)
 
 
 def seed_spread(rows: list[dict], args: argparse.Namespace) -> list[float]:
@@ -123,25 +116,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
 
 def plot(rows: list[dict], args: argparse.Namespace, path: str) -> str:
     """FID vs training steps, one line per model (first seed); the spread model's other seeds as dots."""
-    plt = pyplot()
-    if plt is None:
-        return "no plot: matplotlib is not installed (pip install ditfast[bench])"
-    fid = fid_of(rows, args.seeds[0])
-    names = {"DiT": "DiT (adaLN-Zero)", "DiffiT": "DiffiT (TMSA)"}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arch in [a for a in ARCHS if any(k[0] == a for k in fid)]:
-        pts = sorted((s, v) for (a, s), v in fid.items() if a == arch)
-        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=names[arch])
-        others = [(int(r["train_steps"]), float(r["fid"])) for r in rows if r["arch"] == arch and int(r["seed"]) != args.seeds[0]]
-        if others:
-            ax.plot(*zip(*others), ls="none", marker=".", color=line.get_color(), label=f"{names[arch]}, other seeds")
-    ax.set(xlabel="training steps", ylabel=f"FID-{args.num_samples}",
-           title=f"TMSA vs adaLN-Zero, {args.size} on 16x16 digits ({gf.sampler_name(args)})")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
-    save_figure(fig, path)
-    plt.close(fig)
-    return f"plot: {path}"
+    title = f"TMSA vs adaLN-Zero, {args.size} on 16x16 digits ({gf.sampler_name(args)})"
+    return gf.plot_fid_by_length(rows, "arch", {"DiT": "DiT (adaLN-Zero)", "DiffiT": "DiffiT (TMSA)"}, title, args, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,10 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="PNG of FID vs training steps (default: beside --out)")
     gf.add_study_arguments(p, work=os.path.join("runs", "tmsa_vs_adaln"))
     args = p.parse_args(argv)
-    if len(set(args.archs)) != len(args.archs) or args.spread_arch not in args.archs:
-        p.error(f"--archs must differ from each other and include --spread-arch {args.spread_arch}, got {args.archs}")
-    if args.eval_steps[0] < 1 or any(a >= b for a, b in zip(args.eval_steps, args.eval_steps[1:])):
-        p.error(f"--eval-steps must be ascending and >= 1, got {args.eval_steps}")
+    gf.check_eval_steps(p, args, args.archs, args.spread_arch, "archs")
     gf.check_study_arguments(p, args)
 
     cuda = torch.cuda.is_available()
@@ -166,37 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.eval_steps[-1]  # one work folder holds every length: the recipe without its length
     gf.check_study(args.work, {k: v for k, v in gf.train_settings(args).items() if k != "steps"})
     specs = {a: dataclasses.replace(gf.MODELS[args.size], arch=a) for a in args.archs}
-    if args.train_only:
-        for steps in args.eval_steps:
-            for arch in args.archs:
-                gf.train_model(specs[arch], args, steps)
-        return 0
-
     out = args.out or os.path.join(RESULTS_DIR, f"tmsa_vs_adaln_{'gpu' if cuda else 'cpu'}.csv")
     plot_path = args.plot or f"{os.path.splitext(out)[0]}.png"
-    rows, done, cost, ref = [], gf.measured(out, ROW_KEY), {}, None
-    for arch, steps, seed in evaluations(args.archs, args):
-        spec, env = specs[arch], gf.row_environment(device)
-        row = dict(arch=arch, model=spec.describe(), train_steps=str(steps), num_samples=str(args.num_samples),
-                   sampler=gf.sampler_name(args), seed=str(seed), device=env["device"])  # fmt: skip
-        key = tuple(row[k] for k in ROW_KEY)
-        if key in done:
-            row = done[key]
-            print(f"  {spec.label} ({steps} steps) seed {seed}: measured before ({out}, {row['date']})")
-        else:
-            export = gf.train_model(spec, args, steps)
-            if arch not in cost:
-                model = ditfast.load_model(export)
-                cost[arch] = dict(gflops=f"{ditfast.gflops(model):.5f}", params=str(sum(p.numel() for p in model.parameters() if p.requires_grad)))
-            images = gf.sample_images(spec, export, "ditfast", seed, args, device, steps=steps)
-            if ref is None:  # only where a row is measured
-                ref, classifier = gf.reference_statistics(args), gf.digit_classifier()
-            row.update(cost[arch], **{k: f"{v:.4f}" for k, v in gf.score(images, ref, args).items()},
-                       recognised=f"{gf.recognised(classifier, images):.4f}", **env)  # fmt: skip
-            append_rows(out, [row], fields=FIELDS)  # one by one: a crash keeps every finished row
-            print(f"  {spec.label} ({steps} steps) seed {seed}: FID {float(row['fid']):.2f}, recognised {float(row['recognised']):.1%} "
-                  f"(the classifier's held-out accuracy: {classifier.accuracy:.1%})")  # fmt: skip
-        rows.append(row)
+    models = {a: specs[a].describe() for a in args.archs}
+    rows = gf.run_length_study(args, "arch", specs, models, args.spread_arch, out, FIELDS, ROW_KEY, device)
+    if args.train_only:
+        return 0
     print(markdown(rows, args))
     print("\n".join(verdicts(rows, args)))
     print(plot(rows, args, plot_path))
