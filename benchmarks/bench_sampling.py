@@ -1,6 +1,6 @@
 """Sampling throughput: the official loop vs faster recipes vs diffusers vs the ditfast engine.
 
-    python benchmarks/bench_sampling.py [--model DiT-XL/2] [--batches 8 32 128] [--samplers ddpm ddim dpm-solver++]
+    python benchmarks/bench_sampling.py [--model DiT-XL/2 | DiffiT-XL/2] [--batches 8 32 128] [--samplers ddpm ddim dpm-solver++]
         [--providers ...] [--cfg-scale 1.5] [--out results/sampling_gpu.csv]
 
 DiT-XL/2 at 256px (32x32x4 latents) with random weights (speed does not depend on them), CFG 1.5
@@ -25,6 +25,10 @@ Providers (bf16 = bf16 autocast over fp32 weights unless said otherwise):
 The official code has no DPM-Solver++: for that sampler the first three providers run the ditfast
 engine's eager loop with the official (eager-op) model in the same precision, compiled for the third.
 The dense bf16 GEMM rate (8192^3 matmul) is measured in the same run, for the 60% target at batch 32.
+``--model DiffiT-XL/2`` times the latent DiffiT release instead (``ditfast.DiffiT``: TMSA blocks, its
+guidance rule, power-cosine at 256px): the official providers drive the release's math (the TMSA
+reference, ``backend="eager"``) through the same loop, ditfast its fused TMSA kernel and the engine;
+diffusers has no DiffiT, so its providers are left out, and said so.
 Without a GPU it runs a tiny model on the CPU and says so; such rows only show that it runs.
 """
 
@@ -50,11 +54,14 @@ STEPS = {"ddpm": 250, "ddim": 50, "dpm-solver++": 20}
 OFFICIAL = ("official fp32+tf32", "eager bf16", "compile bf16")
 
 
-def build_dit(name: str, input_size: int, device: torch.device) -> ditfast.DiT:
-    """A registry DiT with random weights, the zero-initialised layers included (no degenerate zeros)."""
+REGISTRY = {**ditfast.DiT_models, **ditfast.DiffiT_models}
+
+
+def build_model(name: str, input_size: int, device: torch.device) -> ditfast.DiT | ditfast.DiffiT:
+    """A registry DiT or DiffiT with random weights, the zero-initialised layers included (no degenerate zeros)."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = ditfast.DiT_models[name](input_size=input_size, num_classes=1000)
+        model = REGISTRY[name](input_size=input_size, num_classes=1000)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad and not p.any():
@@ -103,7 +110,9 @@ def guided_fn(provider: str, model: ditfast.DiT, diffusers_net, cfg_scale: float
 
 
 def official_step(provider, sampler, steps, model, diffusers_net, batch, cfg_scale, device):
-    """One step of the official loop at a mid-schedule timestep, on the doubled state."""
+    """One step of the official loop at a mid-schedule timestep, on the doubled state (the model with
+    its official math, ``backend="eager"``; timed before any other provider changes it)."""
+    model.backend = "eager"
     diffusion = ditfast.create_diffusion(str(steps))
     fn = guided_fn(provider, model, diffusers_net, cfg_scale)
     x = torch.randn(2 * batch, model.in_channels, model.input_size, model.input_size, device=device)
@@ -170,7 +179,8 @@ def end_to_end(engine: SamplingEngine, device: torch.device, reps: int = 2) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="DiT-XL/2")
+    parser.add_argument("--model", default="DiT-XL/2", choices=list(REGISTRY), metavar="NAME",
+                        help="a DiT_models or DiffiT_models name (default: %(default)s)")
     parser.add_argument("--batches", type=int, nargs="*", default=[8, 32, 128], help="images per batch (before CFG doubling)")
     parser.add_argument("--samplers", nargs="*", default=list(STEPS), choices=list(STEPS))
     parser.add_argument("--providers", nargs="*", default=PROVIDERS, choices=PROVIDERS)
@@ -184,15 +194,18 @@ def main() -> None:
     name, input_size, batches, steps = args.model, 32, args.batches, dict(STEPS)
     providers = args.providers
     if not cuda:
-        name, input_size, batches, steps = "DiT-S/4", 16, [2], {"ddpm": 10, "ddim": 5, "dpm-solver++": 4}
+        name, input_size, batches, steps = f"{name.split('-')[0]}-S/4", 16, [2], {"ddpm": 10, "ddim": 5, "dpm-solver++": 4}
         providers = [p for p in providers if p in ("official fp32+tf32", "ditfast eager", "ditfast")]
         print(f"no CUDA device: timing {name} at {input_size * 8}px, batch {batches[0]}, fewer steps, on the CPU "
               f"({', '.join(providers)}; 'ditfast' runs the eager loop); these rows only show the script runs")  # fmt: skip
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = args.out or os.path.join("results", f"sampling_{'gpu' if cuda else 'cpu'}.csv")
     print(f"device: {device_name(device)}")
-    model = build_dit(name, input_size, device)
+    model = build_model(name, input_size, device)
     per_image_forward = ditfast.gflops(model)
+    if isinstance(model, ditfast.DiffiT) and any(p.startswith("diffusers") for p in providers):
+        print("diffusers providers skipped: diffusers has no DiffiT model")
+        providers = [p for p in providers if not p.startswith("diffusers")]
     diffusers_net = build_diffusers(model, device) if any(p.startswith("diffusers") for p in providers) else None
     if diffusers_net is None:
         providers = [p for p in providers if not p.startswith("diffusers")]

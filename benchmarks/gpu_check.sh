@@ -17,6 +17,8 @@
 #   attention  attention backends, DiT-XL/2 at N=256 and 1024, head dim 72, fwd and fwd+bwd
 #   tmsa       DiffiT's TMSA: fused Triton kernel vs SDPA with a float mask vs the reference, forward
 #              error vs the reference, then fwd and fwd+bwd times (256px global, 8x8 windows)
+#   diffit     DiffiT-XL/2 256px, CFG 4.4 (power-cosine), DDPM, batch 32: images/s of ditfast graph
+#              mode (fused TMSA) vs the release's fp32/TF32 loop and eager bf16
 #   training   one training-step rate, DiT-XL/2 batch 32: official fp32/TF32 vs ditfast
 #   structure  DiT-XL/2 forward, per-block structure vs the old cross-block one (same kernels)
 #   compile    torch.compile peers (sampling "compile bf16", fused ops max-autotune), last: slowest
@@ -63,6 +65,8 @@ if [ "$DRY" = 1 ]; then
   stage fused-ops 120 python benchmarks/bench_fused_ops.py --quick --no-compile --dtype float32 --out "$OUT/fused_ops_$SUFFIX.csv"
   stage attention 120 python benchmarks/bench_attention.py --quick --backends sdpa sdpa-math --out "$OUT/attention_$SUFFIX.csv"
   stage tmsa 60 python benchmarks/bench_tmsa.py --providers sdpa eager --out "$OUT/tmsa_$SUFFIX.csv"
+  stage diffit 60 python benchmarks/bench_sampling.py --model DiffiT-XL/2 --batches 2 --samplers ddpm --cfg-scale 4.4 \
+    --providers "official fp32+tf32" "ditfast eager" --out "$OUT/sampling_diffit_$SUFFIX.csv"
   stage training 120 python benchmarks/bench_training.py --batch 2 --providers "official fp32+tf32" ditfast \
     --out "$OUT/training_$SUFFIX.csv"
   stage structure 60 python benchmarks/bench_block_structure.py --out "$OUT/block_structure_$SUFFIX.csv"
@@ -75,6 +79,8 @@ else
   stage fused-ops 30 python benchmarks/bench_fused_ops.py --quick --no-compile --out "$OUT/fused_ops_$SUFFIX.csv"
   stage attention 40 python benchmarks/bench_attention.py --quick --out "$OUT/attention_$SUFFIX.csv"
   stage tmsa 40 python benchmarks/bench_tmsa.py --quick --out "$OUT/tmsa_$SUFFIX.csv"
+  stage diffit 40 python benchmarks/bench_sampling.py --model DiffiT-XL/2 --batches 32 --samplers ddpm --cfg-scale 4.4 \
+    --providers "official fp32+tf32" "eager bf16" "ditfast" --out "$OUT/sampling_diffit_$SUFFIX.csv"
   stage training 40 python benchmarks/bench_training.py --batch 32 --providers "official fp32+tf32" ditfast \
     --out "$OUT/training_$SUFFIX.csv"
   stage structure 30 python benchmarks/bench_block_structure.py --out "$OUT/block_structure_$SUFFIX.csv"
