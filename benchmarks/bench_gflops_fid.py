@@ -340,9 +340,10 @@ def check_study_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def check_eval_steps(p: argparse.ArgumentParser, args: argparse.Namespace, variants: list[str], spread: str, what: str) -> None:
-    """Refuse (``p.error``) repeated variants, a spread variant not among them, and --eval-steps that
-    do not ascend from >= 1; ``what`` is the option pair's name ("designs", "archs")."""
-    if len(set(variants)) != len(variants) or spread not in variants:
+    """Refuse (``p.error``) repeated variants, a spread variant not among them (unless --train-only:
+    half of the variants trained in each of two processes), and --eval-steps that do not ascend from
+    >= 1; ``what`` is the option pair's name ("designs", "archs")."""
+    if len(set(variants)) != len(variants) or (spread not in variants and not args.train_only):
         p.error(f"--{what} must differ from each other and include --spread-{what[:-1]} {spread}, got {variants}")
     if args.eval_steps[0] < 1 or any(a >= b for a, b in zip(args.eval_steps, args.eval_steps[1:])):
         p.error(f"--eval-steps must be ascending and >= 1, got {args.eval_steps}")

@@ -66,6 +66,14 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, capsys, bad, message
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_train_only_takes_half_of_the_designs_without_the_spread_design(tmp_path, capsys):
+    # the two-process recipe of the docstring: the half without adaLN-Zero is not refused
+    work = tmp_path / "w"
+    assert bench.main(["--eval-steps", "1", "--batch", "4", "--train-only", "--designs", "adaLN", "in-context", "--size", "S/4",
+                       "--no-progress", "--work", str(work)]) == 0  # fmt: skip
+    assert sorted(os.listdir(work)) == ["S-4_adaLN", "S-4_in-context", "study.json"]
+
+
 def test_every_design_trains_and_a_work_folder_refuses_another_recipe(tmp_path, capsys):
     work = tmp_path / "w"
 
