@@ -13,7 +13,8 @@ import os
 import platform
 import subprocess
 import tempfile
-from typing import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -75,8 +76,9 @@ def append_rows(path: str, rows: Iterable[Mapping[str, object]], fields: list[st
     """Append rows to a CSV (header written on creation) by rewriting it atomically.
 
     The file is rebuilt in a temporary file in the same folder and renamed over the old one, so a
-    crash never leaves a half-written results file. Unknown columns are an error. ``fields`` is
-    ``FIELDS`` (timings) or ``FID_FIELDS`` (sample quality).
+    crash never leaves a half-written results file; the read-and-rename holds a lock on the folder,
+    so two study processes appending to one file side by side do not drop each other's rows.
+    Unknown columns are an error. ``fields`` is ``FIELDS`` (timings) or ``FID_FIELDS`` (sample quality).
     """
     path = path if os.path.isabs(path) or os.path.dirname(path) else os.path.join(RESULTS_DIR, path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -85,19 +87,37 @@ def append_rows(path: str, rows: Iterable[Mapping[str, object]], fields: list[st
         extra = set(row) - set(fields)
         if extra:
             raise ValueError(f"unknown result columns {sorted(extra)}; expected a subset of {fields}")
-    existing = ""
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            existing = f.read()
-        header = next(csv.reader(io.StringIO(existing)), None)
-        if existing and header != fields:
-            raise ValueError(f"{path} has columns {header}; these rows have {fields}: use another file")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    if not existing:
-        writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write(path, existing + buf.getvalue())
+    with _folder_lock(os.path.dirname(path)):
+        existing = ""
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                existing = f.read()
+            header = next(csv.reader(io.StringIO(existing)), None)
+            if existing and header != fields:
+                raise ValueError(f"{path} has columns {header}; these rows have {fields}: use another file")
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        if not existing:
+            writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write(path, existing + buf.getvalue())
+
+
+@contextmanager
+def _folder_lock(folder: str) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``folder`` while the block runs; no lock file is left
+    behind. Where flock does not exist (Windows) the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def atomic_write(path: str, data: str | bytes) -> str:

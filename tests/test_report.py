@@ -69,6 +69,31 @@ def test_append_rows_refuses_mixed_columns(results_dir):
         results.append_rows(str(results_dir / "fid.csv"), [_timing("x", "B=1", "eager", 1.0)])
 
 
+def _append_many(path: str, proc: int, n: int) -> None:
+    for i in range(n):
+        results.append_rows(path, [_timing(f"p{proc}", f"row {i}", "eager", 1.0)])
+
+
+def test_append_rows_from_processes_side_by_side_keeps_every_row(tmp_path):
+    # two study processes appending to one results file (bench_diffit_unet --models halves) lose no row
+    import multiprocessing as mp
+
+    path = str(tmp_path / "shared.csv")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, k, 25)) for k in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    assert all(proc.exitcode == 0 for proc in procs)
+    import csv
+
+    with open(path, newline="") as f:
+        got = sorted((r["what"], r["shape"]) for r in csv.DictReader(f))
+    assert got == sorted((f"p{k}", f"row {i}") for k in range(4) for i in range(25))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared.csv"]  # no lock or temporary file left behind
+
+
 def test_report_plots(results_dir, tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (ditfast[bench]) is not installed: plots untested")
     text = report.build_report(str(results_dir), str(tmp_path / "REPORT.md"), str(tmp_path / "plots"))
