@@ -9,7 +9,8 @@ as the adaLN, in-context and cross-attention block designs use them), every atte
 cross-attention backend forward and backward, every TMSA backend (DiffiT's attention) forward and
 backward, the compiled patch ops and timestep embedding
 (``ditfast._C``), and on
-CUDA one captured CUDA-graph sampling step against the same step run eagerly. On a GPU the shapes
+CUDA the CUDA-graph sampling loops (a DiT's step, and the EDM Heun sampler's two graphs on an
+image-space DiffiT) against the same runs eagerly. On a GPU the shapes
 are DiT-XL/2's (D 1152, 256 tokens, 16 heads of 72; head dim 64 as in DiT-B too); on a CPU (or
 with ``--small``) small shapes, the Triton kernels under Triton's interpreter. What cannot be
 checked here is listed with the reason: a user with a GPU runs this first.
@@ -20,6 +21,7 @@ inputs (for backward: every input gradient for one random output gradient, the w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -244,7 +246,9 @@ def check_graph_step(device: torch.device, small: bool) -> list[Result]:
     """A captured CUDA-graph sampling run (4 steps) against the same engine run eagerly."""
     shape = "DiT-S/2 8x8 B2" if small else "DiT-B/2 32x32 B8"
     if device.type != "cuda":
-        return [_skip("sampling step", "cuda graph", shape, "-", "not checked: CUDA graphs need a CUDA device")]
+        return [_skip("sampling step", "cuda graph", shape, "-", "not checked: CUDA graphs need a CUDA device"),
+                _skip("EDM Heun", "cuda graph", "DiffiT-Digits8" if small else "DiffiT-Digits16", "-",
+                      "not checked: CUDA graphs need a CUDA device")]  # fmt: skip
     from .models import DiT_models
     from .samplers import make_plan
     from .sampling import SamplingEngine, index_labels, index_noise
@@ -252,25 +256,54 @@ def check_graph_step(device: torch.device, small: bool) -> list[Result]:
     name, side, B = ("DiT-S/2", 8, 2) if small else ("DiT-B/2", 32, 8)
     torch.manual_seed(0)
     with torch.device(device):
-        model = DiT_models[name](input_size=side, num_classes=1000).eval().requires_grad_(False)
-    with torch.no_grad():  # the official init zeroes adaLN and the output layer: every weight random instead
-        for pname, p in model.named_parameters():
-            if pname != "pos_embed":
-                p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.02))
+        model = _random_weights(DiT_models[name](input_size=side, num_classes=1000))
     plan = make_plan("ddim", 4, eta=1.0)  # stochastic: the graph also reads the per-step noise buffer
     labels = index_labels(0, range(B), 1000)
     z, noise = index_noise(0, range(B), (4, side, side), steps=plan.steps)
+    engine = functools.partial(SamplingEngine, model, plan, batch_size=B, cfg_scale=4.0)
+    return _graph_vs_eager("sampling step x4 (graph vs eager)", shape, engine, (z, labels, noise), device) + _check_edm_graph(device, small)
+
+
+def _check_edm_graph(device: torch.device, small: bool) -> list[Result]:
+    """The EDM Heun sampler's two captured graphs (Heun step, last step) against the same engine
+    run eagerly: an image-space DiffiT, 4 stochastic steps (7 evaluations), CFG."""
+    from .diffit_unet import DiffiTUNet_models
+    from .edm import EDMEngine, make_edm_plan
+    from .sampling import index_labels, index_noise
+
+    name, B = ("DiffiT-Digits8", 2) if small else ("DiffiT-Digits16", 8)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = _random_weights(DiffiTUNet_models[name]())
+    side = model.input_size
+    plan = make_edm_plan(4, s_churn=2.0)  # stochastic: the graphs also read the per-step noise buffer
+    labels = index_labels(0, range(B), model.num_classes)
+    z, noise = index_noise(0, range(B), (model.in_channels, side, side), steps=plan.steps)
+    engine = functools.partial(EDMEngine, model, plan, batch_size=B, cfg_scale=2.0)
+    return _graph_vs_eager("EDM Heun x4 (graph vs eager)", f"{name} {side}x{side} B{B}", engine, (z, labels, noise), device)
+
+
+def _random_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with every trainable weight random (the inits zero adaLN and the
+    output layers, which would hide differences); frozen ones (DiT's pos_embed) kept."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * (p[0].numel() ** -0.5 if p.dim() > 1 else 0.02))
+    return model.eval().requires_grad_(False)
+
+
+def _graph_vs_eager(op: str, shape: str, engine: Callable, inputs: tuple, device: torch.device) -> list[Result]:
+    """A sampling engine (``engine(precision=, mode=)``) run on ``inputs`` = (z, labels, noise)
+    eagerly and as CUDA graph(s), in fp32 and bf16: a row each with their max relative difference."""
     rows = []
     for precision in ("fp32", "bf16"):
-        results = {}
-        for mode in ("eager", "graph"):
-            engine = SamplingEngine(model, plan, batch_size=B, cfg_scale=4.0, precision=precision, mode=mode)
-            results[mode] = engine.run(z.to(device), labels.to(device), noise.to(device))
+        results = {mode: engine(precision=precision, mode=mode).run(*(t.to(device) for t in inputs)) for mode in ("eager", "graph")}
         err = _rel(results["graph"], results["eager"])
         # the same kernels on the same buffers: replay should be exact, but cuBLAS may pick another
         # algorithm under capture, so the dtype's forward tolerance (the error is printed either way)
         tol = TOLERANCE["fwd", torch.float32 if precision == "fp32" else torch.bfloat16]
-        rows.append(Result("sampling step x4 (graph vs eager)", "cuda graph", shape, precision, err, tol, err <= tol))
+        rows.append(Result(op, "cuda graph", shape, precision, err, tol, err <= tol))
     return rows
 
 

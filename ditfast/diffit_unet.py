@@ -189,7 +189,10 @@ class DiffiTUNet(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.grad_checkpointing = False
         self.check_label_range = True  # see DiT.check_label_range
+        # recorded in the state_dict (load_model reads the size from it); the property reads the int,
+        # so a forward never reads a device value on the host (a sync, and a CUDA graph cannot hold it)
         self.register_buffer("input_size_", torch.tensor(input_size, dtype=torch.int64))
+        self._input_size = int(input_size)
 
         self.t_embedder = TimestepEmbedder(channels, frequency_embedding_size)
         self.y_embedder = LabelEmbedder(num_classes, channels, class_dropout_prob) if num_classes else None
@@ -223,7 +226,16 @@ class DiffiTUNet(nn.Module):
 
     @property
     def input_size(self) -> int:
-        return int(self.input_size_)
+        return self._input_size
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        size = state_dict.get(prefix + "input_size_")
+        if isinstance(size, torch.Tensor) and size.numel() == 1 and int(size) != self._input_size:
+            error_msgs.append(f"input_size_: the state_dict is of a model for {int(size)}x{int(size)} inputs, "
+                              f"this one was built for {self._input_size}x{self._input_size}")  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        with torch.no_grad():
+            self.input_size_.fill_(self._input_size)  # the record stays the model's own size, whatever was loaded
 
     @property
     def config(self) -> dict[str, Any]:

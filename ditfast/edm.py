@@ -34,8 +34,8 @@ ditfast is N. Per-sample randomness follows :mod:`ditfast.seeding` as for the ot
 i's generator (seed, i) draws z and then, for a stochastic plan, its (N, C, H, W) eps draws
 (:func:`ditfast.sampling.index_noise`).
 
-:class:`EDMEngine` runs a plan on batches with the interface of :class:`ditfast.engine.SamplingEngine`.
-Modes "eager" and "compile"; the CUDA-graph mode is not used for EDM (see :class:`EDMEngine`).
+:class:`EDMEngine` runs a plan on batches with the interface of :class:`ditfast.engine.SamplingEngine`,
+in the modes "eager", "graph" (two CUDA graphs: the Heun step and the first-order last step) and "compile".
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .engine import PRECISIONS, _matmul_precision
+from .engine import PRECISIONS, _matmul_precision, _StepEmbedding, _with_module, load_batch
 
 __all__ = [
     "SIGMA_DATA", "P_MEAN", "P_STD", "SIGMA_MIN", "SIGMA_MAX", "RHO", "EDM_SAMPLERS", "MODES",
@@ -58,7 +58,7 @@ __all__ = [
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 EDM_SAMPLERS = ("edm-heun",)
-MODES = ("eager", "compile")
+MODES = ("eager", "graph", "compile")
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,24 +207,33 @@ class EDMEngine:
     do not depend on how many samples a batch holds. ``cfg_scale`` > 1 guides the denoised
     estimate, ``D_null + w (D_y - D_null)``, on the [cond; null] doubled batch.
 
-    Modes: "eager" (a Python loop) and "compile" (the denoiser under ``torch.compile``). The CUDA
-    graph of ``SamplingEngine`` is not used: an EDM step is two model evaluations but the last one
-    (two graph shapes), and its per-step scalars enter the preconditioning as well as the update;
-    capturing it is left until a GPU measurement shows the launch overhead matters at these model
-    sizes. ``mode="graph"`` is refused with that reason.
+    As in ``SamplingEngine``, a step is one function over static buffers: the state ``x``, the step
+    counter ``k``, the labels ``y``, the per-step noise (stochastic plans) and, on the device, the
+    plan's per-step sigma_hat, sigma_next and churn scale, read by indexing with ``k``. The network's
+    timestep embedding of every evaluation's c_noise = ln(sigma) / 4 is computed once, before the
+    loop, into a table of 2N - 1 rows (sigma_hat of each step, then sigma_next of each step but the
+    last) that the network reads through a row index ``e`` the step sets before each evaluation.
+    Two step functions: the Heun step (two evaluations) for steps 0..N-2 and the first-order last
+    step to sigma = 0.
+
+    Modes: "eager" (a Python loop over the step functions), "graph" (CUDA only: the two step
+    functions captured once as two CUDA graphs, replayed N - 1 times and once) and "compile" (the
+    denoiser under ``torch.compile``).
     """
 
     def __init__(self, model: nn.Module, plan: EDMPlan, *, batch_size: int, cfg_scale: float = 1.0,
                  precision: str = "fp32", mode: str = "eager"):  # fmt: skip
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} for EDM sampling, got {mode!r} (the CUDA-graph mode is "
-                             "not implemented for the EDM sampler: its last step has another shape)")  # fmt: skip
+            raise ValueError(f"mode must be one of {MODES} for EDM sampling, got {mode!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not cfg_scale >= 1:
             raise ValueError(f"cfg_scale must be >= 1, got {cfg_scale}")
+        device = next(model.parameters()).device
+        if mode == "graph" and device.type != "cuda":
+            raise ValueError(f"mode 'graph' captures CUDA graphs: it needs a CUDA device, the model is on {device}")
         self.guided = cfg_scale > 1
         if self.guided and (model.y_embedder is None or model.y_embedder.embedding_table.num_embeddings <= model.num_classes):
             raise ValueError("classifier-free guidance (cfg scale > 1) needs a class-conditional model with a null class "
@@ -232,67 +241,108 @@ class EDMEngine:
         self.dtype = PRECISIONS[precision]
         if any(p.dtype != self.dtype for p in model.parameters()):
             model = copy.deepcopy(model).to(self.dtype)
-        self.device = next(model.parameters()).device
+        self.device = device
         self.plan, self.precision, self.mode, self.cfg_scale = plan, precision, mode, float(cfg_scale)
+        B, C, S, N = batch_size, model.in_channels, model.input_size, plan.steps
+        self.batch_size = B
+        state = torch.float64 if self.dtype == torch.float64 else torch.float32  # the sampler's state and arithmetic
+        self.x = torch.zeros(B, C, S, S, device=device, dtype=state)
+        self.k = torch.zeros(1, dtype=torch.int64, device=device)  # the step
+        self.e = torch.zeros(1, dtype=torch.int64, device=device)  # the embedding-table row of the next evaluation
+        self.y = None
+        if model.y_embedder is not None:
+            self.y = torch.zeros(2 * B if self.guided else B, dtype=torch.int64, device=device)
+        self.noise = torch.zeros(N, B, C, S, S, device=device, dtype=state) if plan.stochastic else None
+        sigma, nxt = plan.sigmas[:-1], plan.sigmas[1:]  # float64 (N,)
+        hat = sigma * (1 + plan.gammas)
+        churn = (hat.square() - sigma.square()).clamp_min(0).sqrt() * plan.s_noise  # 0 where gamma is 0
+        self.sigma_hat, self.sigma_next, self.churn = (v.to(device, state) for v in (hat, nxt, churn))
+        # the timestep embedding of every evaluation, once (as EDMPrecond computes c_noise: in the
+        # state dtype, then at least fp32)
+        evals = torch.cat([self.sigma_hat, self.sigma_next[:-1]])  # (2N - 1,)
+        c_noise = precond_coefs(evals)[3].to(torch.promote_types(self.dtype, torch.float32))
+        lowp = self.dtype in (torch.bfloat16, torch.float16)
+        with torch.no_grad(), _matmul_precision(precision), torch.autocast(device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False):
+            table = model.t_embedder(c_noise)  # (2N - 1, D)
         # a view (sharing every parameter) in eval mode: no random label dropout while sampling, and
         # the per-evaluation label check off (run() checks each batch once); the caller's model is unchanged
-        self.model = copy.copy(model)
+        self.model = _with_module(model, "t_embedder", _StepEmbedding(table, self.e))
         self.model.training = False
         self.model.check_label_range = False
-        B, C, S = batch_size, model.in_channels, model.input_size
-        self.batch_size = B
-        state = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.x = torch.zeros(B, C, S, S, device=self.device, dtype=state)
         self.denoiser = EDMPrecond(self.model)
         self._D = torch.compile(self.denoiser, dynamic=False) if mode == "compile" else self.denoiser
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
 
-    def prepare(self) -> None:
-        """Nothing to capture (see the class doc); here for the run layer's interface."""
-
-    def _denoise(self, x: torch.Tensor, sigma: float, y) -> torch.Tensor:
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """D(x; sigma) (guided) with sigma (1,) on the device and the embedding table's ``row`` (1,)."""
+        self.e.copy_(row)
         lowp = self.dtype in (torch.bfloat16, torch.float16)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False):
             if not self.guided:
-                out = self._D(x, torch.full((len(x),), sigma, device=x.device, dtype=x.dtype), y)
+                out = self._D(x, sigma.expand(len(x)), self.y)
             else:
-                both = self._D(torch.cat([x, x]), torch.full((2 * len(x),), sigma, device=x.device, dtype=x.dtype), y)
+                both = self._D(torch.cat([x, x]), sigma.expand(2 * len(x)), self.y)
                 cond, null = both.chunk(2)
                 out = null + self.cfg_scale * (cond - null)
         return out.clamp(-1, 1) if self.plan.clip_denoised else out
+
+    def _step(self, last: bool) -> None:
+        """Advance the buffers by step ``k`` of the plan (see the module doc): the Heun step, or with
+        ``last`` the first-order step to sigma = 0. What a CUDA graph holds."""
+        k, x = self.k, self.x
+        s_hat, s_next = self.sigma_hat.index_select(0, k), self.sigma_next.index_select(0, k)  # (1,)
+        h, n = s_hat.view(1, 1, 1, 1), s_next.view(1, 1, 1, 1)
+        if self.noise is not None:
+            x = x + self.churn.index_select(0, k).view(1, 1, 1, 1) * self.noise.index_select(0, k)[0]
+        d = (x - self._denoise(x, s_hat, k)) / h
+        x_next = x + (n - h) * d
+        if not last:  # Heun's correction
+            d_next = (x_next - self._denoise(x_next, s_next, k + self.plan.steps)) / n
+            x_next = x + (n - h) * (0.5 * d + 0.5 * d_next)
+        self.x.copy_(x_next)
+        self.k.add_(1)
+
+    def _capture(self) -> None:
+        """Warm up both step functions on a side stream, then capture each once (the buffers hold
+        valid placeholders: zeros, label 0, step 0)."""
+        kinds = [last for last in (False, True) if not (self.plan.steps == 1 and not last)]  # one step: only the last
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for last in kinds:
+                    self.k.fill_(self.plan.steps - 1 if last else 0)
+                    self._step(last)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for last in kinds:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._step(last)
+            self._graphs[last] = graph
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Capture the CUDA graphs now (graph mode; otherwise the first :meth:`run` does it)."""
+        if self.mode == "graph" and not self._graphs:
+            with _matmul_precision(self.precision):
+                self._capture()
+
+    @torch.no_grad()
+    def step(self, last: bool) -> None:
+        """Advance the buffers by one step (a graph replay in graph mode)."""
+        if self._graphs:
+            self._graphs[last].replay()
+        else:
+            self._step(last)
 
     @torch.no_grad()
     def run(self, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample n <= batch_size images from ``z`` (n, C, H, W) standard normal (scaled by
         sigma_max here), ``labels`` (n,) (ignored by an unconditional model) and, for a stochastic
         plan, ``noise`` (N, n, C, H, W). Returns the final (n, C, H, W) on the model's device."""
-        n, B = len(z), self.batch_size
-        if not 1 <= n <= B or len(labels) != n:
-            raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
-        if tuple(z.shape[1:]) != tuple(self.x.shape[1:]):
-            raise ValueError(f"initial noise must be (n, {', '.join(map(str, self.x.shape[1:]))}), got {tuple(z.shape)}")
-        plan = self.plan
-        if plan.stochastic and (noise is None or tuple(noise.shape) != (plan.steps, n, *self.x.shape[1:])):
-            raise ValueError(f"the stochastic EDM plan needs per-step noise ({plan.steps}, {n}, ...), "
-                             f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
-        y = None
-        if self.model.y_embedder is not None:
-            lo, hi = (int(v) for v in torch.aminmax(labels))
-            if lo < 0 or hi >= self.model.num_classes:
-                raise ValueError(f"labels must lie in [0, {self.model.num_classes - 1}], got values in [{lo}, {hi}]")
-            y = torch.zeros(2 * B if self.guided else B, dtype=torch.int64, device=self.device)
-            y[:n] = labels.to(self.device)
-            if self.guided:
-                y[B:] = self.model.num_classes  # the null class
-        x = self.x.zero_()
-        x[:n] = z.to(self.device, x.dtype)
-        steps_noise = None
-        if plan.stochastic:
-            steps_noise = torch.zeros(plan.steps, B, *x.shape[1:], device=self.device, dtype=x.dtype)
-            steps_noise[:, :n] = noise.to(self.device, x.dtype)
-        sig, gam = plan.sigmas.tolist(), plan.gammas.tolist()
+        n = load_batch(self, z, labels, noise)
         with _matmul_precision(self.precision):
-            x = x * sig[0]
-            for k in range(plan.steps):
-                eps = steps_noise[k] if steps_noise is not None else None
-                x, _ = heun_step(lambda v, s: self._denoise(v, s, y), x, sig[k], sig[k + 1], gam[k], eps, plan.s_noise)
-        return x[:n].clone()
+            self.x.mul_(self.plan.sigmas[0].item())  # x_0 = sigma_max z
+            for i in range(self.plan.steps):
+                self.step(last=i == self.plan.steps - 1)
+            return self.x[:n].clone()

@@ -20,7 +20,7 @@ from .models import DiT
 from .precision import tf32
 from .samplers import Plan, update
 
-__all__ = ["SamplingEngine", "PRECISIONS", "MODES", "check_cfg_model"]
+__all__ = ["SamplingEngine", "PRECISIONS", "MODES", "check_cfg_model", "load_batch"]
 
 # "fp64" is a reference mode (model, state and sampler arithmetic in float64): slow, but free of the
 # float32 rounding that differs with BLAS blocking, so it checks properties such as batch-size independence.
@@ -192,34 +192,46 @@ class SamplingEngine:
         float32 on the model's device. Rows past n are padding (zeros, label 0): every batch has
         the same shape, so the kernels and their numerics do not depend on n. (float64 with
         precision "fp64".)"""
-        n, B = len(z), self.batch_size
-        if not 1 <= n <= B or len(labels) != n:
-            raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
-        lo, hi = (int(v) for v in torch.aminmax(labels))
-        if lo < 0 or hi >= self.model.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.model.num_classes - 1}], got values in [{lo}, {hi}]")
-        if tuple(z.shape[1:]) != tuple(self.x.shape[1:]):
-            raise ValueError(f"initial noise must be (n, {', '.join(map(str, self.x.shape[1:]))}), got {tuple(z.shape)}")
-        if self.plan.stochastic and (noise is None or tuple(noise.shape) != (self.plan.steps, n, *self.x.shape[1:])):
-            raise ValueError(f"the {self.plan.sampler} plan needs per-step noise ({self.plan.steps}, {n}, ...), "
-                             f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
-        self.prepare()
+        n = load_batch(self, z, labels, noise)
         with _matmul_precision(self.precision):
-            self.x.zero_()
-            self.x[:n].copy_(z, non_blocking=True)
-            self.y.zero_()
-            self.y[:n].copy_(labels, non_blocking=True)
-            if self.guided:
-                self.y[B:].fill_(self.model.num_classes)  # the null class
-            if self.noise is not None:
-                self.noise.zero_()
-                self.noise[:, :n].copy_(noise, non_blocking=True)
             if self.x0_prev is not None:
                 self.x0_prev.zero_()
-            self.k.zero_()
             for _ in range(self.plan.steps):
                 self.step()
             return self.x[:n].clone()
+
+
+def load_batch(engine, z: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor | None) -> int:
+    """Check a batch of n samples against a sampling engine's static buffers (``x``, ``y`` or None
+    for an unconditional model, ``noise`` for a stochastic plan, ``k``), call its ``prepare`` (graph
+    capture) and load the batch: rows past n are padding (zeros, label 0), the labels of the
+    guided half the null class, the step counter 0. Returns n. (:class:`SamplingEngine` and
+    :class:`ditfast.edm.EDMEngine`.)"""
+    n, B, plan = len(z), engine.batch_size, engine.plan
+    if not 1 <= n <= B or len(labels) != n:
+        raise ValueError(f"expected 1..{B} initial noises with one label each, got {len(z)} and {len(labels)}")
+    if engine.y is not None:
+        lo, hi = (int(v) for v in torch.aminmax(labels))
+        if lo < 0 or hi >= engine.model.num_classes:
+            raise ValueError(f"labels must lie in [0, {engine.model.num_classes - 1}], got values in [{lo}, {hi}]")
+    if tuple(z.shape[1:]) != tuple(engine.x.shape[1:]):
+        raise ValueError(f"initial noise must be (n, {', '.join(map(str, engine.x.shape[1:]))}), got {tuple(z.shape)}")
+    if plan.stochastic and (noise is None or tuple(noise.shape) != (plan.steps, n, *engine.x.shape[1:])):
+        raise ValueError(f"the {plan.sampler} plan needs per-step noise ({plan.steps}, {n}, ...), "
+                         f"got {None if noise is None else tuple(noise.shape)}")  # fmt: skip
+    engine.prepare()
+    engine.x.zero_()
+    engine.x[:n].copy_(z, non_blocking=True)
+    if engine.y is not None:
+        engine.y.zero_()
+        engine.y[:n].copy_(labels, non_blocking=True)
+        if engine.guided:
+            engine.y[B:].fill_(engine.model.num_classes)  # the null class
+    if engine.noise is not None:
+        engine.noise.zero_()
+        engine.noise[:, :n].copy_(noise, non_blocking=True)
+    engine.k.zero_()
+    return n
 
 
 def check_cfg_model(model: DiT, guide_all_channels: bool) -> None:

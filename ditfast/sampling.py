@@ -135,8 +135,7 @@ def _resolve(cfg: SampleConfig, device: torch.device) -> SampleConfig:
         num_samples=n,
         labels=tuple(int(v) for v in cfg.labels) if cfg.labels else None,
         precision=cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
-        # (the EDM sampler has no CUDA-graph mode: see ditfast.edm.EDMEngine)
-        mode=cfg.mode if cfg.mode != "auto" else ("graph" if device.type == "cuda" and cfg.sampler not in EDM_SAMPLERS else "eager"),
+        mode=cfg.mode if cfg.mode != "auto" else ("graph" if device.type == "cuda" else "eager"),
     )
 
 

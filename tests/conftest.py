@@ -153,3 +153,69 @@ def load_benchmark(name: str):
         return mod
     finally:
         sys.path.remove(BENCHMARKS)
+
+
+# ------------------------------------------------------------------------------------------
+# What a CUDA graph needs of a captured step, checked on the CPU (the sampling engines' graph mode)
+# ------------------------------------------------------------------------------------------
+
+# Ops a captured step must not run, by their tags: host reads of device values and data-dependent
+# shapes (the capture fails, or the replay freezes the value), random draws (the engines feed
+# noise through a buffer); and by name, tensors built from Python values (host->device constants).
+_NOT_CAPTURABLE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape, torch.Tag.nondeterministic_seeded)
+_NOT_CAPTURABLE_NAMES = ("lift_fresh", "lift_fresh_copy", "scalar_tensor", "_local_scalar_dense")
+
+
+class OpTrace(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op with its tensor shapes/dtypes, its non-tensor arguments and whether a
+    CUDA graph could hold it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def describe(a):
+            if isinstance(a, torch.Tensor):
+                return ("T", tuple(a.shape), a.dtype)
+            if isinstance(a, (list, tuple)):
+                return tuple(describe(v) for v in a)
+            return a
+
+        bad = func.overloadpacket.__name__ in _NOT_CAPTURABLE_NAMES or any(tag in func.tags for tag in _NOT_CAPTURABLE_TAGS)
+        if bad and torch.Tag.nondeterministic_seeded in func.tags:  # attention kernels: seeded only for dropout
+            schema = func._schema.arguments
+            given = {**{a.name: a.default_value for a in schema if a.has_default_value()},
+                     **dict(zip([a.name for a in schema], args)), **(kwargs or {})}  # fmt: skip
+            bad = given.get("dropout_p", 1.0) != 0.0
+        self.ops.append((func.overloadpacket.__name__, str(func), describe(args), describe(sorted((kwargs or {}).items())), bad))
+        return func(*args, **(kwargs or {}))
+
+
+def assert_replayable(steps: list, buffers: dict[str, torch.Tensor]) -> None:
+    """Run ``steps`` (callables, one per sampling step, in order) and assert what a replayed CUDA
+    graph of each needs: no op a graph cannot hold or would freeze, every call of the same callable
+    the same ops on the same shapes with the same non-tensor arguments (per-step values come from
+    device tensors), and ``buffers`` updated in place. As the engines' capture does, each distinct
+    callable first runs once untraced (warm-up: caches built on a first call), and the buffers are
+    restored. (Copies between devices cannot show on a CPU; the GPU tests run the real capture.)"""
+    pointers = {n: b.data_ptr() for n, b in buffers.items()}
+    first: dict = {}
+    with torch.no_grad():
+        saved = {n: b.clone() for n, b in buffers.items()}
+        for step in dict.fromkeys(steps):
+            step()
+        for n, b in buffers.items():
+            b.copy_(saved[n])
+        for k, step in enumerate(steps):
+            with OpTrace() as trace:
+                step()
+            bad = sorted({op[0] for op in trace.ops if op[-1]})
+            assert not bad, f"step {k} runs ops a CUDA graph cannot hold or would freeze: {bad}"
+            k0, ops0 = first.setdefault(step, (k, trace.ops))
+            if trace.ops != ops0:
+                ops = trace.ops
+                i = next((i for i, (a, b) in enumerate(zip(ops, ops0)) if a != b), min(len(ops), len(ops0)))
+                pytest.fail(f"step {k} differs from step {k0} at op {i}: {ops[i:i + 1]} vs {ops0[i:i + 1]} "
+                            f"({len(ops)} vs {len(ops0)} ops): a replayed graph would repeat step {k0}")  # fmt: skip
+    assert {n: b.data_ptr() for n, b in buffers.items()} == pointers, "the steps must update their buffers in place"

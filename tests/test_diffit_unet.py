@@ -283,6 +283,17 @@ def test_infer_config_and_strict_reload():
     assert torch.equal(again.eval()(x, c, y), model(x, c, y))
 
 
+def test_input_size_is_a_host_int_and_a_state_dict_for_another_size_is_refused():
+    model = tiny("DiffiT-Digits16")
+    assert type(model.input_size) is int and model.input_size == 16  # no device read per forward
+    sd = model.state_dict()
+    assert int(sd["input_size_"]) == 16
+    sd["input_size_"] = torch.tensor(32)  # every weight fits (no shape depends on the size): only the record differs
+    with pytest.raises(RuntimeError, match="input_size_: the state_dict is of a model for 32x32 inputs, this one was built for 16x16"):
+        model.load_state_dict(sd)
+    assert model.input_size == 16 and int(model.input_size_) == 16
+
+
 def test_load_model_recognises_the_checkpoint(tmp_path):
     from ditfast import load_model
 

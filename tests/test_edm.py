@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close, randomize_
+from conftest import assert_close, assert_replayable, max_rel_error, randomize_
 from ditfast.diffit_unet import DiffiTUNet, DiffiTUNet_models
 from ditfast.edm import (
     EDMEngine, EDMPrecond, P_MEAN, P_STD, SIGMA_DATA, edm_loss, heun_step, loss_weight, make_edm_plan,
@@ -246,12 +246,76 @@ def test_engine_guidance_and_errors():
     uncond = DiffiTUNet(input_size=8, in_channels=1, channels=16, depths=(1, 1), window=4, num_heads=2)
     with pytest.raises(ValueError, match="classifier-free guidance"):
         EDMEngine(uncond, plan, batch_size=2, cfg_scale=2.0)
-    with pytest.raises(ValueError, match="CUDA-graph"):
-        EDMEngine(model, plan, batch_size=2, mode="graph")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            EDMEngine(model, plan, batch_size=2, mode="graph")
     with pytest.raises(ValueError, match="per-step noise"):
         EDMEngine(model, make_edm_plan(2, s_churn=1.0), batch_size=2).run(z, labels)
     with pytest.raises(ValueError, match="labels must lie"):
         EDMEngine(model, plan, batch_size=2).run(z, torch.tensor([3, 10]))
+
+
+@pytest.mark.parametrize("s_churn,cfg,precision", [(0.0, 1.0, "fp32"), (2.0, 1.5, "fp32"), (0.0, 3.0, "bf16")])
+def test_the_steps_are_capturable_and_the_same_at_every_step(s_churn, cfg, precision):
+    """Graph mode captures ``EDMEngine._step(last=False)`` (the Heun step, replayed N - 1 times) and
+    ``_step(last=True)`` (once): each must run the same ops with the same arguments at every step
+    (sigma_hat, sigma_next, the churn and the embedding row come from device tensors indexed by the
+    step counter), nothing a graph cannot hold, and leave its results in the engine's buffers."""
+    import functools
+
+    model = tiny_unet().train()  # training mode on the caller's model: label dropout must still be off
+    plan = make_edm_plan(4, s_churn=s_churn, s_min=0.05, s_max=10.0)
+    assert plan.stochastic == (s_churn > 0) and (not plan.stochastic or 0 < int((plan.gammas > 0).sum()) < 4)
+    engine = EDMEngine(model, plan, batch_size=3, cfg_scale=cfg, precision=precision)
+    buffers = {n: getattr(engine, n) for n in ("x", "k", "e", "y", "noise") if getattr(engine, n) is not None}
+    engine.x.normal_().mul_(80.0)
+    engine.y[:3] = torch.tensor([1, 2, 3])
+    if engine.noise is not None:
+        engine.noise.normal_()
+    heun, last = functools.partial(engine._step, False), functools.partial(engine._step, True)
+    assert_replayable([heun] * (plan.steps - 1) + [last], buffers)
+    assert int(engine.k) == plan.steps and torch.isfinite(engine.x).all()
+
+
+def test_engine_step_functions_equal_the_heun_steps_with_the_plans_values():
+    """The buffer-driven steps (device-side sigmas, the precomputed embedding table, churn from the
+    noise buffer) give what heun_step gives with the plan's float sigmas and a denoiser that embeds
+    its timestep itself, step by step (fp64, stochastic: every path of the step is used)."""
+    model = tiny_unet(seed=3).double()
+    plan = make_edm_plan(4, s_churn=2.0, s_min=0.05, s_max=10.0)
+    engine = EDMEngine(model, plan, batch_size=2, cfg_scale=2.0, precision="fp64")
+    z, labels, noise = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([4, 9]), torch.randn(4, 2, 1, 8, 8, dtype=torch.float64)
+    got = engine.run(z, labels, noise)
+    D = EDMPrecond(model)
+    y = torch.tensor([4, 9, 10, 10])
+
+    def guided(v, s):
+        cond, null = D(torch.cat([v, v]), torch.full((4,), s, dtype=torch.float64), y).chunk(2)
+        return null + 2.0 * (cond - null)
+
+    x = z * 80.0
+    for k in range(4):
+        x, _ = heun_step(guided, x, plan.sigmas[k].item(), plan.sigmas[k + 1].item(), plan.gammas[k].item(), noise[k], plan.s_noise)
+    assert_close(got, x, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+@pytest.mark.parametrize("s_churn", [0.0, 2.0])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graph_mode_equals_eager_mode(s_churn, precision):
+    model = tiny_unet().cuda()
+    plan = make_edm_plan(5, s_churn=s_churn, s_min=0.05, s_max=10.0)
+    z, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    noise = torch.randn(5, 3, 1, 8, 8) if plan.stochastic else None
+    kw = dict(batch_size=4, cfg_scale=1.5, precision=precision)
+    eager = EDMEngine(model, plan, mode="eager", **kw).run(z.cuda(), labels.cuda(), None if noise is None else noise.cuda())
+    graph_engine = EDMEngine(model, plan, mode="graph", **kw)
+    first = graph_engine.run(z.cuda(), labels.cuda(), None if noise is None else noise.cuda())
+    again = graph_engine.run(z.flip(0).cuda(), labels.flip(0).cuda(), None if noise is None else noise.flip(1).cuda())
+    bound = 1e-6 if precision == "fp32" else 1e-2  # the same kernels; cuBLAS may pick another algorithm under capture
+    assert max_rel_error(first, eager) <= bound, f"graph vs eager: {max_rel_error(first, eager):.2e}"
+    assert max_rel_error(again, eager.flip(0)) <= bound, "a second batch through the same graphs"
 
 
 # ------------------------------------------------------------------------------------------

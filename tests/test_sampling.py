@@ -23,7 +23,7 @@ from ditfast.engine import SamplingEngine
 from ditfast.sample_cli import main as sample_main
 from ditfast.sampling import SampleConfig, index_labels, index_noise, run
 from ditfast.samplers import dpm_solver_timesteps, make_plan, update
-from conftest import assert_close, max_rel_error, randomize_, free_port, join_process_group_env
+from conftest import assert_close, assert_replayable, max_rel_error, randomize_, free_port, join_process_group_env
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs / GPU compile)")
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
@@ -458,38 +458,6 @@ def test_sample_refuses_unknown_models():
 # The graph body on the CPU: what a CUDA graph needs of the step, checked without a GPU
 # ------------------------------------------------------------------------------------------
 
-# Ops a captured step must not run, by their tags: host reads of device values and data-dependent
-# shapes (the capture fails, or the replay freezes the value), random draws (the engine feeds
-# noise through a buffer); and by name, tensors built from Python values (host->device constants).
-_NOT_CAPTURABLE_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape, torch.Tag.nondeterministic_seeded)
-_NOT_CAPTURABLE_NAMES = ("lift_fresh", "lift_fresh_copy", "scalar_tensor", "_local_scalar_dense")
-
-
-class _OpTrace(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every aten op with its tensor shapes/dtypes and its non-tensor arguments."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        def describe(a):
-            if isinstance(a, torch.Tensor):
-                return ("T", tuple(a.shape), a.dtype)
-            if isinstance(a, (list, tuple)):
-                return tuple(describe(v) for v in a)
-            return a
-
-        bad = func.overloadpacket.__name__ in _NOT_CAPTURABLE_NAMES or any(tag in func.tags for tag in _NOT_CAPTURABLE_TAGS)
-        if bad and torch.Tag.nondeterministic_seeded in func.tags:  # attention kernels: seeded only for dropout
-            schema = func._schema.arguments
-            given = {**{a.name: a.default_value for a in schema if a.has_default_value()},
-                     **dict(zip([a.name for a in schema], args)), **(kwargs or {})}  # fmt: skip
-            bad = given.get("dropout_p", 1.0) != 0.0
-        self.ops.append((func.overloadpacket.__name__, str(func), describe(args), describe(sorted((kwargs or {}).items())), bad))
-        return func(*args, **(kwargs or {}))
-
-
 def test_run_checks_labels_once_per_batch_instead_of_every_step():
     model = tiny_dit()
     engine = SamplingEngine(model, make_plan("ddim", 2), batch_size=2, cfg_scale=1.5)
@@ -501,36 +469,28 @@ def test_run_checks_labels_once_per_batch_instead_of_every_step():
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 @pytest.mark.parametrize("cfg,precision", [(1.0, "fp32"), (1.5, "fp32"), (4.0, "bf16")])
-def test_the_step_is_capturable_and_the_same_at_every_step(sampler, cfg, precision):
+@pytest.mark.parametrize("arch", ["DiT", "DiffiT"])
+def test_the_step_is_capturable_and_the_same_at_every_step(sampler, cfg, precision, arch):
     """What graph mode captures is ``SamplingEngine._step`` over the static buffers; a replay
     repeats its ops exactly. So on every step it must run the same ops on the same shapes with the
     same non-tensor arguments (per-step values come from device tensors indexed by ``k``), never
     read device values on the host, draw random numbers or build tensors from Python values, and
     leave its results in the same buffers. (Copies between devices cannot show on a CPU; the GPU
     test below runs the real capture.)"""
-    model = tiny_dit(6).train()  # training mode on the caller's model: label dropout must still be off
+    if arch == "DiT":
+        model = tiny_dit(6)
+    else:  # TMSA's bias table and the power-cosine guidance (its per-sample scale) in the step too
+        torch.manual_seed(6)
+        model = randomize_(ditfast.DiffiT(**{**TINY, "depth": 2}), seed=6)
+    model.train()  # training mode on the caller's model: label dropout must still be off
     plan = make_plan(sampler, 4)
     engine = SamplingEngine(model, plan, batch_size=3, cfg_scale=cfg, precision=precision)
     buffers = {n: getattr(engine, n) for n in ("x", "x0_prev", "noise", "y", "k") if getattr(engine, n) is not None}
-    pointers = {n: b.data_ptr() for n, b in buffers.items()}
     engine.x.normal_()
     if engine.noise is not None:
         engine.noise.normal_()
-    traces = []
-    with torch.no_grad():
-        for _ in range(plan.steps):
-            with _OpTrace() as trace:
-                engine._step()
-            traces.append(trace.ops)
+    assert_replayable([engine._step] * plan.steps, buffers)
     assert int(engine.k) == plan.steps and torch.isfinite(engine.x).all()
-    assert {n: b.data_ptr() for n, b in buffers.items()} == pointers, "the step must update its buffers in place"
-    bad = sorted({op[0] for op in traces[0] if op[-1]})
-    assert not bad, f"the step runs ops a CUDA graph cannot hold or would freeze: {bad}"
-    for k, ops in enumerate(traces[1:], 1):
-        if ops != traces[0]:
-            i = next((i for i, (a, b) in enumerate(zip(ops, traces[0])) if a != b), min(len(ops), len(traces[0])))
-            pytest.fail(f"step {k} differs from step 0 at op {i}: {ops[i:i + 1]} vs {traces[0][i:i + 1]} "
-                        f"({len(ops)} vs {len(traces[0])} ops): a replayed graph would repeat step 0")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ dispatcher's error says so.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -173,11 +175,19 @@ def _from_windows(t: torch.Tensor, shape: TMSAShape) -> torch.Tensor:
     return t.reshape(shape.batch, gh * gw, C)
 
 
+@functools.lru_cache(maxsize=None)
+def _index_on(window: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """:func:`relative_position_index` on ``device``, built once per (window, device): no host-to-device
+    copy per call (a CUDA graph cannot capture one)."""
+    return relative_position_index(window).to(device)
+
+
 def _bias(bias_table: torch.Tensor, shape: TMSAShape, dtype: torch.dtype) -> torch.Tensor:
-    """(H, w*w, w*w) bias from the table (differentiable in the table)."""
-    idx = relative_position_index(shape.window).to(bias_table.device)
+    """(H, w*w, w*w) bias from the table (differentiable in the table); an index_select, not a
+    tensor-indexing op (whose output shape would depend on the data if the index were boolean)."""
+    idx = _index_on(shape.window, bias_table.device)
     L = idx.shape[0]
-    return bias_table.to(dtype)[idx.view(-1)].view(L, L, -1).permute(2, 0, 1)
+    return bias_table.to(dtype).index_select(0, idx.view(-1)).view(L, L, -1).permute(2, 0, 1)
 
 
 def tmsa_attention_ref(qkv, num_heads, *, qkv_t=None, bias_table=None, grid=None, window=None, scale=None):
