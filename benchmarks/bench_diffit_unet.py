@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _results import FID_FIELDS, RESULTS_DIR, append_rows, atomic_write  # noqa: E402
-from bench_gflops_fid import digit_classifier, measured, recognised, reference_statistics, row_environment, score  # noqa: E402
+from bench_gflops_fid import check_study, digit_classifier, measured, recognised, reference_statistics, row_environment, score  # noqa: E402
 
 import ditfast  # noqa: E402
 from ditfast.metrics.npz import write_npz  # noqa: E402
@@ -190,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or os.path.join(RESULTS_DIR, f"diffit_unet_{device.type if device.type == 'cuda' else 'cpu'}.csv")
     out = out.replace("_cuda.csv", "_gpu.csv")
     specs = [MODELS[m] for m in args.models]
+    # a work folder holds models of one training recipe and budget: refuse to mix (another --work)
+    check_study(args.work, {k: getattr(args, k) for k in ("train_seconds", "probe_steps", "steps", "unet_channels", "depth", "hidden",
+                                                          "heads", "batch", "lr", "ema_decay", "train_seed")})  # fmt: skip
     trained = {s.name: train_model(s, args) for s in specs}
     ref = reference_statistics(args)
     classifier = digit_classifier()

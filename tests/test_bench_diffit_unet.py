@@ -38,6 +38,13 @@ def test_comparison_at_toy_size(tmp_path, inception_weights, capsys):
     assert bench.main(TINY + ["--steps", "2", "--work", work, "--out", out]) == 0
     assert _rows(out) == rows and os.stat(os.path.join(work, "DiT", "ema.safetensors")).st_mtime_ns == stamp
     assert capsys.readouterr().out.count("measured before") == 4
+    # another training recipe in the same work folder is refused before any work
+    try:
+        bench.main(TINY + ["--steps", "2", "--lr", "1e-3", "--work", work, "--out", out])
+        raise AssertionError("another --lr in the same --work was not refused")
+    except SystemExit as exc:
+        assert "holds models trained with other settings (lr: 0.0002 there, 0.001 now)" in str(exc)
+    assert _rows(out) == rows
 
 
 def test_time_budget_sets_the_steps(tmp_path, inception_weights):
