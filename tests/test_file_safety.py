@@ -44,12 +44,16 @@ def touch(path, text="mine") -> str:
 # ------------------------------------------------------------------------------------------
 
 
+# The writer pid in an orphan's name: above Linux's largest pid (2**22), so certainly gone. (A small
+# pid such as 77 names a live process on some machines, and its file is rightly left alone.)
+DEAD_PID = 2**22 + 1
+
+
 def test_orphan_cleanup_touches_only_ditfasts_own_temporary_names(tmp_path):
-    # a temp file of a live writer (the parent process) is being written, not orphaned; pid 2**22 + 1
-    # is above Linux's largest pid, so its writer is certainly gone
+    # a temp file of a live writer (the parent process) is being written, not orphaned
     live = f"0000004.pt.{os.getppid()}{TMP_SUFFIX}"
     keep = ["notes.tmp.txt", "0000001.pt", "model.pt.tmp1", "0000001.pt.tmpx", "x.ditfast-tmp.txt", "data.tmp", live]
-    orphans = [f"0000002.pt.{2**22 + 1}{TMP_SUFFIX}", "0000003.pt.tmp999", "whatever.ditfast-tmp"]
+    orphans = [f"0000002.pt.{DEAD_PID}{TMP_SUFFIX}", "0000003.pt.tmp999", "whatever.ditfast-tmp"]
     for name in keep + orphans:
         touch(tmp_path / name)
     removed = remove_orphans(str(tmp_path), legacy=r"\d{7}\.pt")
@@ -73,7 +77,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
 def test_sample_out_keeps_the_users_tmp_files_and_removes_its_orphans(tmp_path, capsys):
     out = tmp_path / "s"
     user = [touch(out / "notes.tmp.txt"), touch(out / "images" / "draft.tmp.png"), touch(out / "shards" / "x.tmp")]
-    orphans = [touch(out / "shards" / f"shard_00000000_00000002.npz.77{TMP_SUFFIX}"),
+    orphans = [touch(out / "shards" / f"shard_00000000_00000002.npz.{DEAD_PID}{TMP_SUFFIX}"),
                touch(out / "shards" / "shard_00000002_00000003.npz.tmp999"),  # an older version's name
                touch(out / "images" / "000001.png.tmp5")]  # fmt: skip
     assert cli_main(["sample", *SAMPLE_ARGS, "--out", str(out)]) == 0, capsys.readouterr().err
@@ -85,7 +89,7 @@ def test_sample_out_keeps_the_users_tmp_files_and_removes_its_orphans(tmp_path, 
 
 def test_training_cleans_its_orphaned_checkpoint_temporaries_at_start(tmp_path):
     run = tmp_path / "run"
-    orphans = [touch(run / "checkpoints" / "0000007.pt.tmp4242"), touch(run / "checkpoints" / f"0000007.pt.4242{TMP_SUFFIX}")]
+    orphans = [touch(run / "checkpoints" / "0000007.pt.tmp4242"), touch(run / "checkpoints" / f"0000007.pt.{DEAD_PID}{TMP_SUFFIX}")]
     user = touch(run / "checkpoints" / "notes.tmp.txt")
     train(cfg(tmp_path, steps=1, ckpt_every=0))
     assert not any(os.path.exists(p) for p in orphans) and os.path.isfile(user)
