@@ -41,13 +41,14 @@ in the modes "eager", "graph" (two CUDA graphs: the Heun step and the first-orde
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from .engine import PRECISIONS, _matmul_precision, _StepEmbedding, _with_module, load_batch
+from .engine import PRECISIONS, _matmul_precision, _StepEmbedding, _with_module, capture_graphs, compute_autocast, load_batch
 
 __all__ = [
     "SIGMA_DATA", "P_MEAN", "P_STD", "SIGMA_MIN", "SIGMA_MAX", "RHO", "EDM_SAMPLERS", "MODES",
@@ -261,8 +262,7 @@ class EDMEngine:
         # state dtype, then at least fp32)
         evals = torch.cat([self.sigma_hat, self.sigma_next[:-1]])  # (2N - 1,)
         c_noise = precond_coefs(evals)[3].to(torch.promote_types(self.dtype, torch.float32))
-        lowp = self.dtype in (torch.bfloat16, torch.float16)
-        with torch.no_grad(), _matmul_precision(precision), torch.autocast(device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False):
+        with torch.no_grad(), _matmul_precision(precision), compute_autocast(device, self.dtype):
             table = model.t_embedder(c_noise)  # (2N - 1, D)
         # a view (sharing every parameter) in eval mode: no random label dropout while sampling, and
         # the per-evaluation label check off (run() checks each batch once); the caller's model is unchanged
@@ -276,8 +276,7 @@ class EDMEngine:
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """D(x; sigma) (guided) with sigma (1,) on the device and the embedding table's ``row`` (1,)."""
         self.e.copy_(row)
-        lowp = self.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False):
+        with compute_autocast(self.device, self.dtype):
             if not self.guided:
                 out = self._D(x, sigma.expand(len(x)), self.y)
             else:
@@ -303,22 +302,11 @@ class EDMEngine:
         self.k.add_(1)
 
     def _capture(self) -> None:
-        """Warm up both step functions on a side stream, then capture each once (the buffers hold
-        valid placeholders: zeros, label 0, step 0)."""
-        kinds = [last for last in (False, True) if not (self.plan.steps == 1 and not last)]  # one step: only the last
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                for last in kinds:
-                    self.k.fill_(self.plan.steps - 1 if last else 0)
-                    self._step(last)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        for last in kinds:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._step(last)
-            self._graphs[last] = graph
+        """Capture the Heun step and the last step (see :func:`ditfast.engine.capture_graphs`; one
+        step: only the last), each warmed up at a step where it runs; the buffers hold zeros meanwhile."""
+        last_only = self.plan.steps == 1
+        steps = {last: functools.partial(self._step, last) for last in (False, True) if last or not last_only}
+        self._graphs = capture_graphs(self.device, steps, lambda last: self.k.fill_(self.plan.steps - 1 if last else 0))
 
     @torch.no_grad()
     def prepare(self) -> None:

@@ -20,7 +20,7 @@ from .models import DiT
 from .precision import tf32
 from .samplers import Plan, update
 
-__all__ = ["SamplingEngine", "PRECISIONS", "MODES", "check_cfg_model", "load_batch"]
+__all__ = ["SamplingEngine", "PRECISIONS", "MODES", "check_cfg_model", "load_batch", "capture_graphs", "compute_autocast"]
 
 # "fp64" is a reference mode (model, state and sampler arithmetic in float64): slow, but free of the
 # float32 rounding that differs with BLAS blocking, so it checks properties such as batch-size independence.
@@ -46,6 +46,35 @@ class _StepEmbedding(torch.nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.table.index_select(0, self.k).expand(len(t), -1)  # (B, D)
+
+
+def compute_autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast over weights already cast to ``dtype`` (LayerNorm and softmax stay fp32);
+    off for fp32/tf32/fp64. The sampling engines' one rule."""
+    lowp = dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype, enabled=lowp, cache_enabled=False)
+
+
+def capture_graphs(device: torch.device, steps: dict, reset) -> dict:
+    """CUDA graphs of the step functions ``steps`` ({key: fn}): each warmed up twice on a side stream
+    (cuBLAS/cuDNN handles, Triton JIT, model caches; ``reset(key)`` first puts the step counter where
+    that step may run), then captured once. Returns {key: graph}. The buffers must hold valid
+    placeholders while this runs."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            for key, fn in steps.items():
+                reset(key)
+                fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graphs = {}
+    for key, fn in steps.items():
+        reset(key)  # outside the graph: the replays read the counter that run() sets
+        graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[key], capture_error_mode="thread_local"):  # the noise prefetch thread may pin memory
+            fn()
+    return graphs
 
 
 def _with_module(model: torch.nn.Module, name: str, module: torch.nn.Module) -> torch.nn.Module:
@@ -142,9 +171,7 @@ class SamplingEngine:
         return update(self.plan, x, out, c, step_noise, x0_prev)
 
     def _autocast(self):
-        """bf16/fp16 autocast over the cast weights (LayerNorm and softmax stay fp32); off for fp32/tf32/fp64."""
-        lowp = self.dtype in (torch.bfloat16, torch.float16)
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=lowp, cache_enabled=False)
+        return compute_autocast(self.device, self.dtype)
 
     def _step(self) -> None:
         """Advance the static buffers by one step (what the CUDA graph holds)."""
@@ -155,19 +182,8 @@ class SamplingEngine:
         self.k.add_(1)
 
     def _capture(self) -> None:
-        """Warm up on a side stream (cuBLAS/cuDNN handles, Triton JIT, model caches), then capture
-        one step. The buffers hold valid placeholders (zeros, label 0) while this runs."""
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.k.zero_()
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the noise prefetch thread may pin memory
-            self._step()
-        self._graph = graph
+        """Capture one step (see :func:`capture_graphs`); the buffers hold zeros and label 0 meanwhile."""
+        self._graph = capture_graphs(self.device, {"step": self._step}, lambda _: self.k.zero_())["step"]
 
     @torch.no_grad()
     def prepare(self) -> None:

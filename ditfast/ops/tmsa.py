@@ -40,7 +40,6 @@ dispatcher's error says so.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Optional
 
